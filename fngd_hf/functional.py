@@ -1,0 +1,121 @@
+"""Pure maths of FNGD for one linear layer (see the README's "Maths" section).
+
+Shapes: ``x`` is the layer input reshaped to ``(B, T, i)`` and ``delta`` the output gradient
+``(B, T, o)``: ``B`` samples, ``T`` tokens per sample (``T = 1`` for an MLP). ``scale`` turns a
+token's contribution into the per-sample gradient of the note: ``g_n = scale * sum_t delta_t x̂_tᵀ``
+with ``scale = B`` (times the number of accumulated micro-batches, see the optimizer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Materialised per-sample gradients are only worth it below this many elements (B * o * i).
+_PER_SAMPLE_MAX_ELEMENTS = 1 << 27
+
+
+def choose_gram_path(batch: int, tokens: int, in_features: int, out_features: int) -> str:
+    """The cheaper way (in multiply-adds, then memory) to form ``K`` for a layer of this shape."""
+    n = batch * tokens
+    token_cost = n * n * (in_features + out_features)
+    per_sample_cost = n * in_features * out_features + batch * batch * in_features * out_features
+    if per_sample_cost < token_cost and batch * in_features * out_features <= _PER_SAMPLE_MAX_ELEMENTS:
+        return "per_sample"
+    return "token"
+
+
+def gram_matrix(
+    x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: float, path: str = "auto"
+) -> torch.Tensor:
+    """``K_nm = scale² Σ_{t∈n} Σ_{s∈m} (x̂_t·x̂_s)(δ_t·δ_s)`` in the dtype of ``x``/``delta``."""
+    batch, tokens, in_features = x.shape
+    out_features = delta.shape[-1]
+    if path == "auto":
+        path = choose_gram_path(batch, tokens, in_features, out_features)
+    if path == "per_sample":
+        per_sample = torch.einsum("bto,bti->boi", delta, x).reshape(batch, -1)
+        gram = per_sample @ per_sample.T
+        if has_bias:
+            bias_grad = delta.sum(dim=1)
+            gram = gram + bias_grad @ bias_grad.T
+    elif path == "token":
+        flat_x = x.reshape(batch * tokens, in_features)
+        flat_delta = delta.reshape(batch * tokens, out_features)
+        input_gram = flat_x @ flat_x.T
+        if has_bias:
+            input_gram += 1.0
+        token_gram = input_gram.mul_(flat_delta @ flat_delta.T)
+        gram = token_gram.view(batch, tokens, batch, tokens).sum(dim=(1, 3))
+    else:
+        raise ValueError(f"Unknown gram path {path!r}; expected 'auto', 'token' or 'per_sample'")
+    return gram * (scale * scale)
+
+
+def gram_trace(x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: float) -> torch.Tensor:
+    """``trace(K) = Σ_n ‖g_n‖²`` from the per-sample token Gram blocks only (no ``B × B`` work)."""
+    input_gram = x @ x.transpose(1, 2)
+    if has_bias:
+        input_gram += 1.0
+    return (input_gram * (delta @ delta.transpose(1, 2))).sum() * (scale * scale)
+
+
+def damping_times_batch(
+    gram: torch.Tensor, damping: float, mode: str, damping_floor: float
+) -> torch.Tensor:
+    """``λB``: fixed ``damping * B``; relative ``max(damping * ‖K‖_F, damping_floor * B)``."""
+    batch = gram.shape[0]
+    if mode == "fixed":
+        return gram.new_tensor(damping * batch)
+    if mode == "relative":
+        relative = damping * torch.linalg.matrix_norm(gram)
+        return torch.clamp(relative, min=damping_floor * batch)
+    raise ValueError(f"Unknown damping_mode {mode!r}; expected 'relative' or 'fixed'")
+
+
+def solve_coefficients(
+    gram: torch.Tensor, damping_b: torch.Tensor, max_retries: int = 6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``β = (K + λB I)⁻¹ 1`` by Cholesky; returns ``(β, λB actually used)``.
+
+    A zero ``K`` with zero damping (a layer that got no gradient) gives ``β = 0``: the update
+    ``Jβ`` is zero whatever ``β`` is. A numerically indefinite system gets its damping raised
+    tenfold (starting from a tiny multiple of ``trace(K)``) until Cholesky succeeds.
+    """
+    batch = gram.shape[0]
+    ones = torch.ones(batch, 1, dtype=gram.dtype, device=gram.device)
+    scale = torch.linalg.matrix_norm(gram)
+    if float(scale) == 0.0 and float(damping_b) == 0.0:
+        return ones.squeeze(1).zero_(), damping_b
+    eye = torch.eye(batch, dtype=gram.dtype, device=gram.device)
+    for _ in range(max_retries + 1):
+        factor, info = torch.linalg.cholesky_ex(gram + damping_b * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(ones, factor).squeeze(1), damping_b
+        floor = torch.finfo(gram.dtype).eps * torch.clamp(gram.diagonal().sum(), min=1.0)
+        damping_b = torch.maximum(damping_b * 10.0, floor)
+    raise torch.linalg.LinAlgError("K + λB·I stayed indefinite after raising the damping")
+
+
+def weighted_gradient(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    has_bias: bool,
+    transposed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``d = Jβ = scale · Σ_n β_n Σ_t δ_t x̂_tᵀ``: one matmul, the cost of a plain weight gradient.
+
+    Returns ``(dW, db)``; ``dW`` has shape ``(o, i)``, or ``(i, o)`` when ``transposed``
+    (transformers' ``Conv1D`` stores its weight that way).
+    """
+    batch, tokens, in_features = x.shape
+    weights = (beta * scale).to(delta.dtype).view(batch, 1, 1)
+    weighted_delta = (delta * weights).reshape(batch * tokens, -1)
+    flat_x = x.reshape(batch * tokens, in_features)
+    if transposed:
+        d_weight = flat_x.T @ weighted_delta
+    else:
+        d_weight = weighted_delta.T @ flat_x
+    d_bias = weighted_delta.sum(dim=0) if has_bias else None
+    return d_weight, d_bias
