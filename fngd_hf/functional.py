@@ -78,22 +78,24 @@ def solve_coefficients(
     """``β = (K + λB I)⁻¹ 1`` by Cholesky; returns ``(β, λB actually used)``.
 
     A zero ``K`` with zero damping (a layer that got no gradient) gives ``β = 0``: the update
-    ``Jβ`` is zero whatever ``β`` is. A numerically indefinite system gets its damping raised
-    tenfold (starting from a tiny multiple of ``trace(K)``) until Cholesky succeeds.
+    ``Jβ`` is zero whatever ``β`` is. ``K`` is PSD in exact arithmetic; if rounding makes the
+    system indefinite, the damping is raised tenfold a few times, and as a last resort ``K`` is
+    projected onto the PSD cone by an eigendecomposition. Never raises.
     """
     batch = gram.shape[0]
     ones = torch.ones(batch, 1, dtype=gram.dtype, device=gram.device)
-    scale = torch.linalg.matrix_norm(gram)
-    if float(scale) == 0.0 and float(damping_b) == 0.0:
+    norm = torch.linalg.matrix_norm(gram)
+    if float(norm) == 0.0 and float(damping_b) == 0.0:
         return ones.squeeze(1).zero_(), damping_b
     eye = torch.eye(batch, dtype=gram.dtype, device=gram.device)
     for _ in range(max_retries + 1):
         factor, info = torch.linalg.cholesky_ex(gram + damping_b * eye)
         if int(info) == 0:
             return torch.cholesky_solve(ones, factor).squeeze(1), damping_b
-        floor = torch.finfo(gram.dtype).eps * torch.clamp(gram.diagonal().sum(), min=1.0)
-        damping_b = torch.maximum(damping_b * 10.0, floor)
-    raise torch.linalg.LinAlgError("K + λB·I stayed indefinite after raising the damping")
+        damping_b = torch.maximum(damping_b * 10.0, 10.0 * torch.finfo(gram.dtype).eps * norm)
+    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    values = values.clamp(min=0.0) + damping_b
+    return vectors @ ((vectors.T @ ones).squeeze(1) / values), damping_b
 
 
 def weighted_gradient(

@@ -240,6 +240,10 @@ class FNGD(torch.optim.Optimizer):
             return None  # never truncate or pad: a different batch size gets fresh coefficients
         return bank[slot, micro, :batch], state["coef_trace"][slot, micro]
 
+    def _slot_filled(self, layer: CapturedLayer, slot: int, micro: int) -> bool:
+        sizes = self.state.get(layer.weight, {}).get("coef_size")
+        return sizes is not None and micro < sizes.shape[1] and int(sizes[slot, micro]) > 0
+
     def _natural_gradient(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor):
         """Called from the layer's backward: the micro-batch's natural gradient, already averaged."""
         group = self._group_of(layer)
@@ -252,9 +256,11 @@ class FNGD(torch.optim.Optimizer):
         stats_x = x.detach().to(self.stat_dtype)
         stats_delta = delta.detach().to(self.stat_dtype)
 
-        stored = None
+        stored, bank_slot = None, slot
         if slot is not None and self.global_step >= self._steps_per_epoch:
             stored = self._stored_coefficients(layer, slot, micro, batch)
+            if stored is None and self._slot_filled(layer, slot, micro):
+                bank_slot = None  # keep the first epoch's beta; this odd-sized batch is one-off
         if stored is not None:
             beta, stored_trace = stored
             if self.scale_mode == "refreshed":
@@ -273,7 +279,7 @@ class FNGD(torch.optim.Optimizer):
                 beta, damping_b = F.solve_coefficients(gram, damping_b)
                 if not bool(torch.isfinite(beta).all()):
                     self._bad_layers.add(layer.name)
-                elif slot is not None:
+                elif bank_slot is not None:
                     trace = gram.diagonal().sum()
                     self._pending[id(layer)] = (slot, micro, beta.detach().float(), trace.float())
                 self._diag["damping"] += float(damping_b) / batch

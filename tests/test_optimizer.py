@@ -1,0 +1,307 @@
+"""Optimizer behaviour: validation, layer choice, AdamW parity, sharing, state, failure handling."""
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fngd_hf.functional as functional
+from fngd_hf import FNGD
+
+
+def make_mlp(bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3, bias=bias))
+
+
+def mlp_batch(seed, batch=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 6, generator=g), torch.randint(0, 3, (batch,), generator=g)
+
+
+def train_steps(model, opt, seeds, batch=5):
+    for seed in seeds:
+        x, y = mlp_batch(seed, batch)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def tiny_bart(seed=0):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2,
+    )
+    return BartForConditionalGeneration(config)
+
+
+# ------------------------------------------------------------------ validation and layer choice
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=0.0), "learning rate"),
+        (dict(lr=-1.0), "learning rate"),
+        (dict(damping=0.0), "damping"),
+        (dict(damping=-1e-3), "damping"),
+        (dict(damping_mode="adaptive"), "damping_mode"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(steps_per_epoch=0), "steps_per_epoch"),
+        (dict(scale_mode="both"), "scale_mode"),
+    ],
+)
+def test_invalid_hyperparameters_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FNGD(make_mlp(), **kwargs)
+
+
+def test_default_targets_are_attention_and_ffn_of_bart():
+    model = tiny_bart()
+    opt = FNGD(model, lr=1e-3, share_coefficients=False)
+    names = set(opt.managed_modules)
+    expected = set()
+    for side, attns in (("encoder", ["self_attn"]), ("decoder", ["self_attn", "encoder_attn"])):
+        for attn in attns:
+            expected |= {f"model.{side}.layers.0.{attn}.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+        expected |= {f"model.{side}.layers.0.fc1", f"model.{side}.layers.0.fc2"}
+    assert names == expected
+    fngd_params = {id(p) for g in opt.param_groups if g["fngd"] for p in g["params"]}
+    adamw_params = {id(p) for g in opt.param_groups if not g["fngd"] for p in g["params"]}
+    assert id(model.lm_head.weight) in adamw_params  # tied head stays with AdamW
+    assert id(model.model.shared.weight) in adamw_params
+    assert not fngd_params & adamw_params
+    assert fngd_params | adamw_params == {id(p) for p in model.parameters()}
+
+
+def test_target_modules_regex_and_errors():
+    model = tiny_bart()
+    opt = FNGD(model, share_coefficients=False, target_modules=[r".*encoder.*fc\d"])
+    assert set(opt.managed_modules) == {"model.encoder.layers.0.fc1", "model.encoder.layers.0.fc2"}
+    opt.remove_hooks()
+    with pytest.raises(ValueError, match="matches no module.*q_proj"):
+        FNGD(model, target_modules=["not_a_layer"])
+    with pytest.raises(ValueError, match="LayerNorm.*Supported layers"):
+        FNGD(model, target_modules=["self_attn_layer_norm"])
+
+
+# --------------------------------------------------------------------------- AdamW parity
+@pytest.mark.parametrize("model_fn", [lambda: nn.Sequential(nn.LayerNorm(6), nn.Embedding(3, 6)), make_mlp])
+def test_nothing_managed_equals_torch_adamw(model_fn):
+    model_a, model_b = model_fn(), model_fn()
+    model_b.load_state_dict(model_a.state_dict())
+    targets = [] if any(isinstance(m, nn.Linear) for m in model_a.modules()) else None
+    opt_a = FNGD(model_a, lr=3e-3, target_modules=targets, adamw_betas=(0.8, 0.99), adamw_eps=1e-6,
+                 adamw_weight_decay=0.05)
+    opt_b = torch.optim.AdamW(model_b.parameters(), lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
+    assert not opt_a.managed_modules
+    for step in range(20):
+        for model, opt in ((model_a, opt_a), (model_b, opt_b)):
+            g = torch.Generator().manual_seed(step)
+            if isinstance(model[0], nn.LayerNorm):
+                loss = model[0](torch.randn(4, 6, generator=g)).pow(3).mean() + model[1].weight.sin().sum()
+            else:
+                x, y = mlp_batch(step)
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+# ------------------------------------------------------------------------------- sharing
+def count_grams(monkeypatch):
+    calls = []
+    original = functional.gram_matrix
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "gram_matrix", counting)
+    return calls
+
+
+def test_sharing_reuses_coefficients_by_step_index(monkeypatch):
+    calls = count_grams(monkeypatch)
+    model = make_mlp()
+    opt = FNGD(model, lr=0.01, steps_per_epoch=3, momentum=0.0)
+    train_steps(model, opt, seeds=[0, 1, 2])
+    assert len(calls) == 3 * 2  # first epoch: one Gram per layer and step
+    weight = model[0].weight
+    bank = opt.state[weight]["coef_bank"].clone()
+    assert bank.shape == (3, 1, 5) and bank.dtype == torch.float32
+    calls.clear()
+    train_steps(model, opt, seeds=[3, 4, 5, 6])
+    assert calls == []  # shared phase: no Gram matrix at all
+    assert torch.equal(opt.state[weight]["coef_bank"], bank)
+
+    # Step 7 uses the beta stored at step 7 mod 3 = 1 on its own new batch.
+    x, y = mlp_batch(7)
+    beta = bank[1, 0, :5].double()
+    # Recompute d = J beta from the raw per-sample gradients by autograd, one sample at a time.
+    per_sample = []
+    for n in range(5):
+        model.zero_grad()
+        opt.eval()
+        nn.functional.cross_entropy(model(x[n : n + 1]), y[n : n + 1]).backward()
+        per_sample.append(model[0].weight.grad.clone())
+        opt.train()
+    expected = sum(b * g for b, g in zip(beta, per_sample))
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    torch.testing.assert_close(model[0].weight.grad.double(), expected.double(), rtol=1e-4, atol=1e-7)
+
+
+def test_batch_size_change_gets_fresh_coefficients(monkeypatch):
+    calls = count_grams(monkeypatch)
+    model = make_mlp()
+    opt = FNGD(model, lr=0.01, steps_per_epoch=2)
+    train_steps(model, opt, seeds=[0, 1])
+    calls.clear()
+    train_steps(model, opt, seeds=[2], batch=3)  # smaller last batch: fresh, no crash, no truncation
+    assert calls == [3, 3]
+    assert opt.state[model[0].weight]["coef_size"][0, 0] == 5  # stored beta kept
+    train_steps(model, opt, seeds=[3], batch=5)
+    assert calls == [3, 3]
+    assert opt.diagnostics()["fngd/fresh_fraction"] < 1.0
+
+
+def test_sharing_without_epoch_length_is_a_clear_error():
+    model = make_mlp()
+    opt = FNGD(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = mlp_batch(0)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        nn.functional.cross_entropy(model(x), y).backward()
+    opt.steps_per_epoch = 4
+    opt.zero_grad()
+    train_steps(model, opt, seeds=[0])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ------------------------------------------------------------------------ capture switching
+def test_no_capture_in_eval_no_grad_or_optimizer_eval(monkeypatch):
+    calls = count_grams(monkeypatch)
+    model = make_mlp()
+    opt = FNGD(model, steps_per_epoch=10)
+    x, y = mlp_batch(0)
+    model.eval()
+    nn.functional.cross_entropy(model(x), y).backward()
+    model.train()
+    with torch.no_grad():
+        out = model(x)
+    assert out.grad_fn is None
+    opt.eval()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert calls == []
+    opt.train()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert len(calls) == 2
+    opt.remove_hooks()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert len(calls) == 2
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+# ------------------------------------------------------------------------------ state dict
+def test_state_dict_resume_equals_uninterrupted():
+    kwargs = dict(lr=0.02, steps_per_epoch=3, momentum=0.9, weight_decay=0.01)
+    ref = make_mlp()
+    ref_opt = FNGD(ref, **kwargs)
+    train_steps(ref, ref_opt, seeds=range(8))
+
+    first = make_mlp()
+    first_opt = FNGD(first, **kwargs)
+    train_steps(first, first_opt, seeds=range(4))
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": first_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert saved["opt"]["fngd"]["global_step"] == 4
+
+    resumed = make_mlp(seed=123)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = FNGD(resumed, **kwargs)
+    resumed_opt.load_state_dict(saved["opt"])
+    train_steps(resumed, resumed_opt, seeds=range(4, 8))
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_bank_stays_float32_for_bf16_parameters():
+    model = make_mlp().to(torch.bfloat16)
+    opt = FNGD(model, steps_per_epoch=2, lr=0.01)
+    for seed in range(2):
+        x, y = mlp_batch(seed)
+        nn.functional.cross_entropy(model(x.bfloat16()).float(), y).backward()
+        opt.step()
+        opt.zero_grad()
+    state = opt.state_dict()
+    fresh = FNGD(make_mlp().to(torch.bfloat16), steps_per_epoch=2, lr=0.01)
+    fresh.load_state_dict(state)
+    bank = fresh.state[fresh.param_groups[0]["params"][0]]["coef_bank"]
+    assert bank.dtype == torch.float32
+    assert torch.equal(bank, opt.state[model[0].weight]["coef_bank"])
+
+
+# ------------------------------------------------------------------------------- failures
+def test_non_finite_gradient_skips_step_and_keeps_state():
+    model = make_mlp()
+    opt = FNGD(model, lr=0.01, steps_per_epoch=3)
+    train_steps(model, opt, seeds=[0])
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
+    x, y = mlp_batch(1)
+    x[2, 0] = float("nan")
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="skipped step 1"):
+        opt.step()
+    opt.zero_grad()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    for key, value in state.items():
+        assert torch.equal(value, opt.state[model[0].weight][key])
+    assert int(opt.state[model[0].weight]["coef_size"][1, 0]) == 0  # nothing banked for the bad step
+    train_steps(model, opt, seeds=[2])  # training continues
+    assert torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
+    assert not all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+def test_layer_with_zero_output_gradient_gets_zero_update():
+    model = make_mlp()
+    opt = FNGD(model, lr=0.1, damping_mode="relative", share_coefficients=False, momentum=0.0)
+    before = model[0].weight.detach().clone()
+    x, _ = mlp_batch(0)
+    (model(x) * 0.0).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert torch.equal(before, model[0].weight)
+
+
+def test_indefinite_system_raises_damping_instead_of_crashing():
+    # Rounding can make K slightly indefinite: Cholesky retries with more damping.
+    gram = torch.tensor([[1.0, 1.0], [1.0, 1.0 - 1e-6]])
+    beta, used = functional.solve_coefficients(gram, torch.tensor(0.0))
+    assert used > 0 and torch.isfinite(beta).all()
+    torch.testing.assert_close((gram + used * torch.eye(2)) @ beta, torch.ones(2), rtol=1e-3, atol=1e-3)
+    # A badly indefinite matrix (impossible for a true Gram matrix) still gives finite coefficients.
+    beta, used = functional.solve_coefficients(torch.tensor([[1.0, 2.0], [2.0, 1.0]]), torch.tensor(0.0))
+    assert torch.isfinite(beta).all()
+
+
+def test_gram_paths_agree():
+    g = torch.Generator().manual_seed(0)
+    x, delta = torch.randn(4, 3, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, 7, generator=g, dtype=torch.float64)
+    for bias in (True, False):
+        token = functional.gram_matrix(x, delta, bias, 4.0, "token")
+        per_sample = functional.gram_matrix(x, delta, bias, 4.0, "per_sample")
+        torch.testing.assert_close(token, per_sample)
+        torch.testing.assert_close(functional.gram_trace(x, delta, bias, 4.0), token.diagonal().sum())
