@@ -43,10 +43,11 @@ def score_translations(hypotheses: Sequence[str], references: Sequence[str]) -> 
 
 def metric_signatures() -> dict[str, str]:
     """sacreBLEU signatures, so a report says exactly how the scores were computed."""
-    return {
-        "bleu": str(sacrebleu.metrics.BLEU().get_signature()),
-        "chrf": str(sacrebleu.metrics.CHRF().get_signature()),
-    }
+    signatures = {}
+    for name, metric in (("bleu", sacrebleu.metrics.BLEU()), ("chrf", sacrebleu.metrics.CHRF())):
+        metric.corpus_score(["a"], [["a"]])  # the signature records nrefs, known only after scoring
+        signatures[name] = str(metric.get_signature())
+    return signatures
 
 
 def decode_ids(tokenizer, ids, label_pad_id: int = -100) -> list[str]:

@@ -80,18 +80,23 @@ def solve_coefficients(
     A zero ``K`` with zero damping (a layer that got no gradient) gives ``β = 0``: the update
     ``Jβ`` is zero whatever ``β`` is. ``K`` is PSD in exact arithmetic; if rounding makes the
     system indefinite, the damping is raised tenfold a few times, and as a last resort ``K`` is
-    projected onto the PSD cone by an eigendecomposition. Never raises.
+    projected onto the PSD cone by an eigendecomposition. Never raises; a non-finite ``K``
+    gives a NaN ``β``, which the optimizer turns into a skipped step.
     """
     batch = gram.shape[0]
     ones = torch.ones(batch, 1, dtype=gram.dtype, device=gram.device)
-    norm = torch.linalg.matrix_norm(gram)
-    if float(norm) == 0.0 and float(damping_b) == 0.0:
-        return ones.squeeze(1).zero_(), damping_b
     eye = torch.eye(batch, dtype=gram.dtype, device=gram.device)
+    norm = None
     for _ in range(max_retries + 1):
         factor, info = torch.linalg.cholesky_ex(gram + damping_b * eye)
-        if int(info) == 0:
+        if int(info) == 0:  # the only host sync on the common path
             return torch.cholesky_solve(ones, factor).squeeze(1), damping_b
+        if norm is None:
+            norm = torch.linalg.matrix_norm(gram)
+            if not bool(torch.isfinite(norm)):
+                return ones.squeeze(1).fill_(float("nan")), damping_b  # the caller skips the step
+            if float(norm) == 0.0 and float(damping_b) == 0.0:
+                return ones.squeeze(1).zero_(), damping_b
         damping_b = torch.maximum(damping_b * 10.0, 10.0 * torch.finfo(gram.dtype).eps * norm)
     values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
     values = values.clamp(min=0.0) + damping_b
@@ -114,7 +119,9 @@ def weighted_gradient(
     batch, tokens, in_features = x.shape
     weights = (beta * scale).to(delta.dtype).view(batch, 1, 1)
     weighted_delta = (delta * weights).reshape(batch * tokens, -1)
-    flat_x = x.reshape(batch * tokens, in_features)
+    # Under autocast x may be float32 (a LayerNorm output) while delta is bf16: use delta's dtype,
+    # as autograd's own weight gradient would.
+    flat_x = x.reshape(batch * tokens, in_features).to(weighted_delta.dtype)
     if transposed:
         d_weight = flat_x.T @ weighted_delta
     else:

@@ -109,7 +109,9 @@ def build_generation_config(config: MarianConfig, max_length: int = 128, num_bea
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
         forced_eos_token_id=config.eos_token_id,  # a hypothesis cut at max_length still ends with </s>
-        bad_words_ids=[[config.pad_token_id]],  # pad is filler, never a word
+        # pad is filler and <s> only starts decoding: never generate them (suppress_tokens is much
+        # cheaper than bad_words_ids on CPU).
+        suppress_tokens=sorted({config.pad_token_id, config.decoder_start_token_id}),
         max_length=min(max_length, config.max_position_embeddings),
         num_beams=num_beams,
     )

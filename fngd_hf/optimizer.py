@@ -167,7 +167,7 @@ class FNGD(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._capture_enabled = True
         self._pending: dict[int, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
-        self._bad_layers: set[str] = set()
+        self._finite: torch.Tensor | None = None  # all captured coefficients finite since the last step
         self._fixed_accumulation_warned = False
         self._diag = self._empty_diagnostics()
         self._layers: list[CapturedLayer] = [
@@ -253,8 +253,6 @@ class FNGD(torch.optim.Optimizer):
         accumulation = self._accumulation
         scale = float(batch * accumulation)  # g_n = B_total · (sample n's contribution)
         slot = self._sharing_slot()
-        stats_x = x.detach().to(self.stat_dtype)
-        stats_delta = delta.detach().to(self.stat_dtype)
 
         stored, bank_slot = None, slot
         if slot is not None and self.global_step >= self._steps_per_epoch:
@@ -264,27 +262,28 @@ class FNGD(torch.optim.Optimizer):
         if stored is not None:
             beta, stored_trace = stored
             if self.scale_mode == "refreshed":
-                new_trace = F.gram_trace(stats_x, stats_delta, layer.has_bias, scale)
+                new_trace = F.gram_trace(
+                    x.detach().to(self.stat_dtype), delta.detach().to(self.stat_dtype), layer.has_bias, scale
+                )
                 beta = beta.to(self.stat_dtype) * (stored_trace / new_trace).to(self.stat_dtype)
             self._diag["shared"] += 1
         else:
-            gram = F.gram_matrix(stats_x, stats_delta, layer.has_bias, scale, self.gram_path)
+            gram = F.gram_matrix(
+                x.detach().to(self.stat_dtype), delta.detach().to(self.stat_dtype), layer.has_bias, scale,
+                self.gram_path,
+            )
             damping_b = F.damping_times_batch(
                 gram, group["damping"], group["damping_mode"], group["damping_floor"]
             )
-            if not bool(torch.isfinite(gram).all()):
-                self._bad_layers.add(layer.name)
-                beta = torch.zeros(batch, dtype=gram.dtype, device=gram.device)
-            else:
-                beta, damping_b = F.solve_coefficients(gram, damping_b)
-                if not bool(torch.isfinite(beta).all()):
-                    self._bad_layers.add(layer.name)
-                elif bank_slot is not None:
-                    trace = gram.diagonal().sum()
-                    self._pending[id(layer)] = (slot, micro, beta.detach().float(), trace.float())
-                self._diag["damping"] += float(damping_b) / batch
-                self._diag["gram_norm"] += float(torch.linalg.matrix_norm(gram))
+            beta, damping_b = F.solve_coefficients(gram, damping_b)
+            if bank_slot is not None:
+                self._pending[id(layer)] = (bank_slot, micro, beta.detach().float(), gram.diagonal().sum().float())
+            # Kept as tensors: no host sync here; step() and diagnostics() read them once.
+            self._diag["damping"] = self._diag["damping"] + damping_b.detach().float() / batch
+            self._diag["gram_norm"] = self._diag["gram_norm"] + torch.linalg.matrix_norm(gram).float()
             self._diag["fresh"] += 1
+        finite = torch.isfinite(beta).all()
+        self._finite = finite if self._finite is None else self._finite & finite
         d_weight, d_bias = F.weighted_gradient(
             x.detach(), delta.detach(), beta, scale, layer.has_bias, layer.transposed
         )
@@ -303,17 +302,16 @@ class FNGD(torch.optim.Optimizer):
                 loss = closure()
         if self.share_coefficients and self._steps_per_epoch is None and self._layers:
             self._sharing_slot()  # raises the explanatory error before anything changes
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads) if grads else True
-        if self._bad_layers or not finite:
-            bad = sorted(self._bad_layers) or ["(a gradient)"]
+        if not self._all_finite():
             self.skipped_steps += 1
-            warnings.warn(
-                f"FNGD skipped step {self.global_step}: non-finite values in {', '.join(bad[:5])}. "
-                f"Parameters, momentum and coefficients are unchanged ({self.skipped_steps} skipped so far).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            # Warn on the 1st, 2nd, 4th, 8th ... skip: visible without flooding the log.
+            if self.skipped_steps & (self.skipped_steps - 1) == 0:
+                warnings.warn(
+                    f"FNGD skipped step {self.global_step}: non-finite gradients or coefficients. "
+                    f"Parameters, momentum and coefficients are unchanged ({self.skipped_steps} skipped so far).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         else:
             for group in self.param_groups:
                 if group["fngd"]:
@@ -322,11 +320,21 @@ class FNGD(torch.optim.Optimizer):
                     self._adamw_group_step(group)
             self._commit_coefficients()
         self._pending.clear()
-        self._bad_layers.clear()
+        self._finite = None
         for layer in self._layers:
             layer.micro_batches = 0
         self.global_step += 1
         return loss
+
+    def _all_finite(self) -> bool:
+        """One host sync for every gradient and every coefficient computed since the last step."""
+        flags = [torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self._finite is not None:
+            flags.append(self._finite)
+        if not flags:
+            return True
+        device = flags[0].device
+        return bool(torch.stack([f.to(device) for f in flags]).all())
 
     def _accumulation_correction(self, layer: CapturedLayer, damping_mode: str) -> float:
         """Factor fixing ``d`` when the micro-batch count differs from the declared one."""
@@ -466,8 +474,8 @@ class FNGD(torch.optim.Optimizer):
         diag, self._diag = self._diag, self._empty_diagnostics()
         fresh, total = diag["fresh"], diag["fresh"] + diag["shared"]
         return {
-            "fngd/damping": diag["damping"] / fresh if fresh else math.nan,
-            "fngd/gram_norm": diag["gram_norm"] / fresh if fresh else math.nan,
+            "fngd/damping": float(diag["damping"]) / fresh if fresh else math.nan,
+            "fngd/gram_norm": float(diag["gram_norm"]) / fresh if fresh else math.nan,
             "fngd/fresh_fraction": fresh / total if total else math.nan,
             "fngd/skipped_steps": float(self.skipped_steps),
         }
