@@ -28,7 +28,7 @@ class FNGD(torch.optim.Optimizer):
     Usage::
 
         from fngd_hf import FNGD
-        opt = FNGD(model, lr=0.05, damping=1.0, steps_per_epoch=len(train_loader))
+        opt = FNGD(model, lr=1e-2, damping=1.0, steps_per_epoch=len(train_loader))
         for epoch in range(epochs):
             for batch in train_loader:
                 loss = model(**batch).loss
@@ -59,7 +59,7 @@ class FNGD(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 0.05,
+        lr: float = 1e-2,
         damping: float = 1.0,
         damping_mode: str = "relative",
         momentum: float = 0.9,
@@ -104,7 +104,8 @@ class FNGD(torch.optim.Optimizer):
         if damping_floor < 0.0:
             raise ValueError(f"Invalid damping_floor: {damping_floor}")
         if max_update_ratio == "auto":
-            max_update_ratio = 0.1 if damping_mode == "relative" else None
+            # Measured (benchmarks/stability_trial.py): without it relative damping diverges.
+            max_update_ratio = 0.01 if damping_mode == "relative" else None
         if max_update_ratio is not None and not max_update_ratio > 0.0:
             raise ValueError(f"Invalid max_update_ratio: {max_update_ratio}")
         if scale_mode not in ("shared", "refreshed"):
