@@ -305,3 +305,58 @@ def test_gram_paths_agree():
         per_sample = functional.gram_matrix(x, delta, bias, 4.0, "per_sample")
         torch.testing.assert_close(token, per_sample)
         torch.testing.assert_close(functional.gram_trace(x, delta, bias, 4.0), token.diagonal().sum())
+
+
+# ------------------------------------------------------------------- Conv1D and autocast
+def test_conv1d_layer_matches_equivalent_linear():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    conv = nn.Sequential(Conv1D(5, 6), nn.Tanh(), Conv1D(3, 5))
+    with torch.no_grad():
+        for lin, c in ((linear[0], conv[0]), (linear[2], conv[2])):
+            c.weight.copy_(lin.weight.T)
+            c.bias.copy_(lin.bias)
+    x = torch.randn(4, 7, 6)  # 4 samples of 7 tokens
+    y = torch.randint(0, 3, (4, 7))
+    opts = [FNGD(m, lr=0.1, momentum=0.0, share_coefficients=False, damping_mode="fixed", damping=0.1)
+            for m in (linear, conv)]
+    for model, opt in zip((linear, conv), opts):
+        nn.functional.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)).backward()
+        opt.step()
+    assert len(opts[1].managed_modules) == 2
+    for lin, c in ((linear[0], conv[0]), (linear[2], conv[2])):
+        torch.testing.assert_close(c.weight.T, lin.weight)
+        torch.testing.assert_close(c.bias, lin.bias)
+
+
+def test_gpt2_default_targets_skip_tied_head():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    names = set(FNGD(model, share_coefficients=False).managed_modules)
+    assert names == {f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+
+
+def test_bf16_autocast_uses_float32_statistics():
+    model = tiny_bart()
+    opt = FNGD(model, lr=1e-2, steps_per_epoch=2)
+    reference = tiny_bart()
+    ref_opt = FNGD(reference, lr=1e-2, steps_per_epoch=2)
+    g = torch.Generator().manual_seed(0)
+    batch = dict(input_ids=torch.randint(3, 40, (4, 6), generator=g), labels=torch.randint(3, 40, (4, 5), generator=g))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    reference(**batch).loss.backward()
+    ref_opt.step()
+    bank = opt.state[model.model.encoder.layers[0].fc1.weight]["coef_bank"]
+    ref_bank = ref_opt.state[reference.model.encoder.layers[0].fc1.weight]["coef_bank"]
+    assert bank.dtype == torch.float32 and torch.isfinite(bank).all()
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+    # bf16 activations change beta only slightly.
+    torch.testing.assert_close(bank, ref_bank, rtol=0.1, atol=1e-3 * float(ref_bank.abs().max()))
+    assert opt.skipped_steps == 0
