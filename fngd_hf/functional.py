@@ -117,7 +117,8 @@ def weighted_gradient(
     (transformers' ``Conv1D`` stores its weight that way).
     """
     batch, tokens, in_features = x.shape
-    weights = (beta * scale).to(delta.dtype).view(batch, 1, 1)
+    # beta: (B,) for FNGD, (B, o) for CW-NGD (one coefficient per sample and output unit).
+    weights = (beta * scale).to(delta.dtype).view(batch, 1, -1)
     weighted_delta = (delta * weights).reshape(batch * tokens, -1)
     # Under autocast x may be float32 (a LayerNorm output) while delta is bf16: use delta's dtype,
     # as autograd's own weight gradient would.

@@ -224,7 +224,7 @@ def test_state_dict_resume_equals_uninterrupted():
     torch.save({"model": first.state_dict(), "opt": first_opt.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    assert saved["opt"]["fngd"]["global_step"] == 4
+    assert saved["opt"]["layerwise"]["global_step"] == 4
 
     resumed = make_mlp(seed=123)
     resumed.load_state_dict(saved["model"])

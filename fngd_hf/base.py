@@ -1,0 +1,317 @@
+"""What every layer-wise preconditioner here shares: one optimizer, two kinds of param groups.
+
+Groups with ``fngd=True`` hold the weight and bias of managed ``Linear``/``Conv1D`` layers; their
+``.grad`` receives a preconditioned direction from the capture hook during backward, and
+``step()`` applies trust region, weight decay, momentum and the learning rate. Groups with
+``fngd=False`` hold every other trainable parameter and follow ``torch.optim.AdamW`` exactly.
+Subclasses (FNGD, CW-NGD, K-FAC, SNGD) only say how a layer's direction is computed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.optim.adamw import adamw as adamw_update
+
+from .capture import CapturedLayer, attach
+from .layers import layer_parameters, select_modules
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim keeps its step counters in this dtype; match it so AdamW groups are bitwise AdamW.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"Invalid {name}: {value} (a positive integer)")
+    return int(value)
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Base class: hooks, AdamW groups, the step skeleton and its safeguards, extra state."""
+
+    name = "layerwise"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        target_modules: Iterable[str] | None,
+        adamw_lr: float | None,
+        adamw_betas: tuple[float, float],
+        adamw_eps: float,
+        adamw_weight_decay: float,
+        gradient_accumulation_steps: int,
+        max_update_ratio: float | None,
+        clip_update_norm: float | None,
+        group_options: dict,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
+        if not lr > 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Invalid momentum: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay: {weight_decay}")
+        adamw_lr = lr if adamw_lr is None else adamw_lr
+        if not adamw_lr > 0.0:
+            raise ValueError(f"Invalid adamw_lr: {adamw_lr}")
+        if len(adamw_betas) != 2 or not all(0.0 <= b < 1.0 for b in adamw_betas):
+            raise ValueError(f"Invalid adamw_betas: {adamw_betas}")
+        if not adamw_eps >= 0.0:
+            raise ValueError(f"Invalid adamw_eps: {adamw_eps}")
+        if adamw_weight_decay < 0.0:
+            raise ValueError(f"Invalid adamw_weight_decay: {adamw_weight_decay}")
+        if max_update_ratio is not None and not max_update_ratio > 0.0:
+            raise ValueError(f"Invalid max_update_ratio: {max_update_ratio}")
+        if clip_update_norm is not None and not clip_update_norm > 0.0:
+            raise ValueError(f"Invalid clip_update_norm: {clip_update_norm}")
+
+        modules = select_modules(model, target_modules)
+        managed = [p for m in modules.values() for p in layer_parameters(m)]
+        managed_ids = {id(p) for p in managed}
+        # model.parameters() already yields a tied parameter once.
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in managed_ids]
+
+        groups = []
+        if managed:
+            groups.append(
+                dict(
+                    params=managed,
+                    fngd=True,
+                    lr=lr,
+                    momentum=momentum,
+                    weight_decay=weight_decay,
+                    max_update_ratio=max_update_ratio,
+                    **group_options,
+                )
+            )
+        if others:
+            groups.append(
+                dict(
+                    params=others,
+                    fngd=False,
+                    lr=adamw_lr,
+                    betas=tuple(adamw_betas),
+                    eps=adamw_eps,
+                    weight_decay=adamw_weight_decay,
+                )
+            )
+        if not groups:
+            raise ValueError("The model has no trainable parameters")
+        super().__init__(groups, dict(lr=lr))
+
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.clip_update_norm = clip_update_norm
+        self.global_step = 0
+        self.skipped_steps = 0
+        self._capture_enabled = True
+        self._finite: torch.Tensor | None = None  # every direction finite since the last step
+        self._layers: list[CapturedLayer] = [
+            attach(name, module, self._layer_gradient, lambda: self._capture_enabled)
+            for name, module in modules.items()
+        ]
+
+    # ----------------------------------------------------------------------------- settings
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self._accumulation
+
+    @gradient_accumulation_steps.setter
+    def gradient_accumulation_steps(self, value: int) -> None:
+        self._accumulation = _positive_int("gradient_accumulation_steps", value)
+
+    @property
+    def managed_modules(self) -> dict[str, nn.Module]:
+        return {layer.name: layer.module for layer in self._layers}
+
+    def train(self, mode: bool = True) -> "LayerwiseOptimizer":
+        """Capture on (HF Trainer and accelerate call this before training steps)."""
+        self._capture_enabled = bool(mode)
+        return self
+
+    def eval(self) -> "LayerwiseOptimizer":
+        """Capture off: evaluation and ``generate()`` pay nothing."""
+        return self.train(False)
+
+    def remove_hooks(self) -> None:
+        """Detach from the model; managed layers then get no gradient from this optimizer."""
+        for layer in self._layers:
+            if layer.handle is not None:
+                layer.handle.remove()
+                layer.handle = None
+
+    # ------------------------------------------------------------------ subclass interface
+    def _layer_gradient(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor):
+        """Backward-time direction ``(d_weight, d_bias)`` of one micro-batch; ``x``: (B, T, i), ``delta``: (B, T, o)."""
+        raise NotImplementedError
+
+    def _check_ready(self) -> None:
+        """Raise before anything changes if the optimizer cannot step (e.g. missing settings)."""
+
+    def _accumulation_correction(self, layer: CapturedLayer, group: dict) -> float:
+        """Factor applied to ``.grad`` when the observed micro-batch count differs from the declared one."""
+        observed = layer.micro_batches
+        return 1.0 if observed in (0, self._accumulation) else self._accumulation / observed
+
+    def _after_step(self) -> None:
+        """Commit what the backward staged (called only for steps that were applied)."""
+
+    def _discard_staged(self) -> None:
+        """Forget what the backward staged (called after every step, applied or skipped)."""
+
+    def _note_finite(self, tensor: torch.Tensor) -> None:
+        finite = torch.isfinite(tensor).all()
+        self._finite = finite if self._finite is None else self._finite & finite
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        pass
+
+    # ------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_ready()
+        if not self._all_finite():
+            self.skipped_steps += 1
+            # Warn on the 1st, 2nd, 4th, 8th ... skip: visible without flooding the log.
+            if self.skipped_steps & (self.skipped_steps - 1) == 0:
+                warnings.warn(
+                    f"{type(self).__name__} skipped step {self.global_step}: non-finite gradients or "
+                    f"coefficients. Parameters, momentum and statistics are unchanged "
+                    f"({self.skipped_steps} skipped so far).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        else:
+            for group in self.param_groups:
+                if group["fngd"]:
+                    self._managed_group_step(group)
+                else:
+                    self._adamw_group_step(group)
+            self._after_step()
+        self._discard_staged()
+        self._finite = None
+        for layer in self._layers:
+            layer.micro_batches = 0
+        self.global_step += 1
+        return loss
+
+    def _all_finite(self) -> bool:
+        """One host sync for every gradient and every statistic computed since the last step."""
+        flags = [torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self._finite is not None:
+            flags.append(self._finite)
+        if not flags:
+            return True
+        device = flags[0].device
+        return bool(torch.stack([f.to(device) for f in flags]).all())
+
+    def _managed_group_step(self, group: dict) -> None:
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        ratio = group["max_update_ratio"]
+        updates = []
+        for layer in self._layers:
+            params = [p for p in (layer.weight, layer.bias) if p is not None and p.grad is not None]
+            if not params:
+                continue
+            factor = self._accumulation_correction(layer, group)
+            directions = [p.grad * factor if factor != 1.0 else p.grad for p in params]
+            if ratio is not None:
+                update_norm = lr * torch.sqrt(sum(d.pow(2).sum() for d in directions))
+                param_norm = torch.sqrt(sum(p.pow(2).sum() for p in params))
+                # Trust region: a layer never moves by more than `ratio` of its own norm.
+                shrink = torch.clamp(ratio * param_norm / update_norm.clamp(min=1e-30), max=1.0)
+                shrink = torch.where(param_norm > 0, shrink, torch.ones_like(shrink))
+                directions = [d * shrink for d in directions]
+            updates.append((params, directions))
+        if self.clip_update_norm is not None and updates:
+            total = torch.sqrt(sum(d.pow(2).sum() for _, ds in updates for d in ds))
+            clip = torch.clamp(self.clip_update_norm / total.clamp(min=1e-30), max=1.0)
+            updates = [(ps, [d * clip for d in ds]) for ps, ds in updates]
+        for params, directions in updates:
+            for p, d in zip(params, directions):
+                if weight_decay != 0.0:
+                    p.mul_(1.0 - lr * weight_decay)
+                if momentum != 0.0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.detach().clone()
+                    else:
+                        buf.mul_(momentum).add_(d)
+                    d = buf
+                p.add_(d, alpha=-lr)
+
+    def _adamw_group_step(self, group: dict) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__}'s AdamW part does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        adamw_update(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )
+
+    # -------------------------------------------------------------------------- state dict
+    # Per-layer statistics whose dtype must survive torch.optim's cast to the parameter dtype.
+    _float32_state_keys: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["layerwise"] = {
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "gradient_accumulation_steps": self._accumulation,
+            **self._extra_state(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("layerwise", None)
+        keep = self._float32_state_keys
+        # torch.optim casts floating state to the parameter dtype; statistics keep their own.
+        kept = {i: {k: v[k] for k in keep if k in v} for i, v in state_dict["state"].items()}
+        state_dict["state"] = {i: {k: x for k, x in v.items() if k not in keep} for i, v in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in kept.items():
+            for key, value in saved.items():
+                param = params[int(index)]
+                self.state[param][key] = value.to(param.device)
+        if extra is not None:
+            self.global_step = int(extra["global_step"])
+            self.skipped_steps = int(extra["skipped_steps"])
+            self.gradient_accumulation_steps = extra.get("gradient_accumulation_steps", 1)
+            self._load_extra_state(extra)
