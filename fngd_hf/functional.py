@@ -59,13 +59,49 @@ def gram_trace(x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: floa
     return (input_gram * (delta @ delta.transpose(1, 2))).sum() * (scale * scale)
 
 
+def unit_gram_matrices(
+    x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: float, path: str = "auto"
+) -> torch.Tensor:
+    """CW-NGD: one Gram matrix per output unit ``j``, shape ``(o, B, B)``.
+
+    ``K⁽ʲ⁾_nm = scale² Σ_{t∈n} Σ_{s∈m} δ_{t,j} δ_{s,j} (x̂_t·x̂_s)``.
+    """
+    batch, tokens, in_features = x.shape
+    out_features = delta.shape[-1]
+    if path == "auto":
+        path = "token" if tokens == 1 else "per_sample"
+    if path == "token" and tokens == 1:
+        input_gram = x[:, 0] @ x[:, 0].T
+        if has_bias:
+            input_gram += 1.0
+        unit_delta = delta[:, 0].T  # (o, B)
+        gram = input_gram.unsqueeze(0) * (unit_delta.unsqueeze(2) * unit_delta.unsqueeze(1))
+    elif path in ("token", "per_sample"):
+        per_sample = torch.einsum("bto,bti->obi", delta, x)  # (o, B, i): row j of every g_n
+        gram = per_sample @ per_sample.transpose(1, 2)
+        if has_bias:
+            bias_grad = delta.sum(dim=1).T  # (o, B)
+            gram = gram + bias_grad.unsqueeze(2) * bias_grad.unsqueeze(1)
+    else:
+        raise ValueError(f"Unknown gram path {path!r}; expected 'auto', 'token' or 'per_sample'")
+    return gram * (scale * scale)
+
+
+def unit_gram_traces(x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: float) -> torch.Tensor:
+    """``trace(K⁽ʲ⁾)`` for every output unit, shape ``(o,)``, from each sample's own token block."""
+    input_gram = x @ x.transpose(1, 2)
+    if has_bias:
+        input_gram += 1.0
+    return torch.einsum("bts,btj,bsj->j", input_gram, delta, delta) * (scale * scale)
+
+
 def damping_times_batch(
     gram: torch.Tensor, damping: float, mode: str, damping_floor: float
 ) -> torch.Tensor:
-    """``λB``: fixed ``damping * B``; relative ``max(damping * ‖K‖_F, damping_floor * B)``."""
-    batch = gram.shape[0]
+    """``λB`` per Gram matrix: fixed ``damping * B``; relative ``max(damping * ‖K‖_F, damping_floor * B)``."""
+    batch = gram.shape[-1]
     if mode == "fixed":
-        return gram.new_tensor(damping * batch)
+        return gram.new_full(gram.shape[:-2], damping * batch)
     if mode == "relative":
         relative = damping * torch.linalg.matrix_norm(gram)
         return torch.clamp(relative, min=damping_floor * batch)
@@ -77,30 +113,39 @@ def solve_coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``β = (K + λB I)⁻¹ 1`` by Cholesky; returns ``(β, λB actually used)``.
 
-    A zero ``K`` with zero damping (a layer that got no gradient) gives ``β = 0``: the update
-    ``Jβ`` is zero whatever ``β`` is. ``K`` is PSD in exact arithmetic; if rounding makes the
-    system indefinite, the damping is raised tenfold a few times, and as a last resort ``K`` is
+    ``gram`` may carry leading batch dimensions (CW-NGD solves one system per output unit).
+    A zero ``K`` with zero damping (a layer or unit that got no gradient) gives ``β = 0``: the
+    update ``Jβ`` is zero whatever ``β`` is. ``K`` is PSD in exact arithmetic; if rounding makes
+    a system indefinite, its damping is raised tenfold a few times, and as a last resort ``K`` is
     projected onto the PSD cone by an eigendecomposition. Never raises; a non-finite ``K``
     gives a NaN ``β``, which the optimizer turns into a skipped step.
     """
-    batch = gram.shape[0]
-    ones = torch.ones(batch, 1, dtype=gram.dtype, device=gram.device)
+    batch = gram.shape[-1]
+    ones = torch.ones(*gram.shape[:-1], 1, dtype=gram.dtype, device=gram.device)
     eye = torch.eye(batch, dtype=gram.dtype, device=gram.device)
+    damping_b = damping_b.to(gram.dtype)
     norm = None
     for _ in range(max_retries + 1):
-        factor, info = torch.linalg.cholesky_ex(gram + damping_b * eye)
-        if int(info) == 0:  # the only host sync on the common path
-            return torch.cholesky_solve(ones, factor).squeeze(1), damping_b
+        factor, info = torch.linalg.cholesky_ex(gram + damping_b[..., None, None] * eye)
+        failed = info > 0
+        if not bool(failed.any()):  # the only host sync on the common path
+            beta = torch.cholesky_solve(ones, factor).squeeze(-1)
+            if norm is not None:  # units with no gradient at all get zero coefficients
+                beta = torch.where(empty[..., None], torch.zeros_like(beta), beta)
+            return beta, damping_b
         if norm is None:
             norm = torch.linalg.matrix_norm(gram)
-            if not bool(torch.isfinite(norm)):
-                return ones.squeeze(1).fill_(float("nan")), damping_b  # the caller skips the step
-            if float(norm) == 0.0 and float(damping_b) == 0.0:
-                return ones.squeeze(1).zero_(), damping_b
-        damping_b = torch.maximum(damping_b * 10.0, 10.0 * torch.finfo(gram.dtype).eps * norm)
-    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
-    values = values.clamp(min=0.0) + damping_b
-    return vectors @ ((vectors.T @ ones).squeeze(1) / values), damping_b
+            if not bool(torch.isfinite(norm).all()):
+                return ones.squeeze(-1).fill_(float("nan")), damping_b  # the caller skips the step
+            empty = (norm == 0) & (damping_b == 0)
+            damping_b = torch.where(empty, torch.ones_like(damping_b), damping_b)
+            failed = failed & ~empty
+        raised = torch.maximum(damping_b * 10.0, 10.0 * torch.finfo(gram.dtype).eps * norm)
+        damping_b = torch.where(failed, raised, damping_b)
+    values, vectors = torch.linalg.eigh((gram + gram.transpose(-1, -2)) / 2)
+    values = values.clamp(min=0.0) + damping_b[..., None]
+    beta = (vectors @ ((vectors.transpose(-1, -2) @ ones).squeeze(-1) / values).unsqueeze(-1)).squeeze(-1)
+    return torch.where(empty[..., None], torch.zeros_like(beta), beta), damping_b
 
 
 def weighted_gradient(
