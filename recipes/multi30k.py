@@ -36,8 +36,7 @@ from fngd_hf.evaluation import (
     shuffled_source_check,
 )
 from fngd_hf.model_card import write_model_card
-from fngd_hf.models import resolve_shape
-from fngd_hf.models import build_model
+from fngd_hf.models import build_model, resolve_shape
 from fngd_hf.tokenization import load_tokenizer, train_tokenizer
 
 logger = logging.getLogger("multi30k")
@@ -46,7 +45,9 @@ logger = logging.getLogger("multi30k")
 # runs the baselines on the stock Seq2SeqTrainer. Once it exists nothing here needs to change.
 try:
     from fngd_hf.trainer import FNGDTrainer as RecipeTrainer, FNGDTrainingArguments as RecipeTrainingArguments
-except ImportError:
+except ModuleNotFoundError as missing:
+    if missing.name != "fngd_hf.trainer":  # a broken trainer module must fail loudly, not fall back
+        raise
     from transformers import Seq2SeqTrainer as RecipeTrainer
 
     BASELINE_OPTIM = {"adamw": "adamw_torch", "sgd": "sgd"}
@@ -157,9 +158,9 @@ def parse_args(argv: list[str] | None = None):
 
 def setup_logging(training_args) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    level = training_args.get_process_log_level()
-    logger.setLevel(level)
-    transformers.utils.logging.set_verbosity(level)
+    # Our own numbers are logged on the main process; transformers keeps its own (passive) level.
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
 
 
 def find_checkpoint(training_args) -> str | None:

@@ -1,0 +1,114 @@
+"""BLEU/chrF, the Seq2SeqTrainer compute_metrics, and the shuffled-source collapse check."""
+
+import math
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import EvalPrediction
+
+from fngd_hf.evaluation import (
+    corpus_bleu,
+    corpus_chrf,
+    derangement,
+    make_compute_metrics,
+    metric_signatures,
+    shuffled_source_check,
+    source_gap_flag,
+)
+from fngd_hf.tokenization import train_tokenizer
+
+REFS = ["Ein Hund läuft auf der Wiese.", "Zwei Männer spielen Fußball im Park."]
+
+
+def test_identical_translations_score_100():
+    assert corpus_bleu(REFS, REFS) == pytest.approx(100.0)
+    assert corpus_chrf(REFS, REFS) == pytest.approx(100.0)
+    assert corpus_bleu(["Katze"] * 2, REFS) < 5
+
+
+def test_metric_input_errors():
+    with pytest.raises(ValueError, match="1 hypotheses but 2"):
+        corpus_bleu(REFS[:1], REFS)
+    with pytest.raises(ValueError, match="no sentences"):
+        corpus_chrf([], [])
+    with pytest.raises(ValueError, match="lists of strings"):
+        corpus_bleu("a", "a")
+
+
+def test_signatures_name_the_settings():
+    signatures = metric_signatures()
+    assert "tok:13a" in signatures["bleu"] and "nc:6" in signatures["chrf"]
+
+
+def test_compute_metrics_decodes_and_scores():
+    train = datasets.Dataset.from_dict({"de": REFS * 5, "en": REFS * 5})
+    tokenizer = train_tokenizer(train, ["de"], vocab_size=300)
+    labels = tokenizer(text_target=REFS, padding=True, return_tensors="np").input_ids
+    labels = np.where(labels == tokenizer.pad_token_id, -100, labels)  # what the collator produces
+    predictions = np.where(labels == -100, tokenizer.pad_token_id, labels)
+    metrics = make_compute_metrics(tokenizer)(EvalPrediction(predictions=predictions, label_ids=labels))
+    assert metrics["bleu"] == pytest.approx(100.0) and metrics["chrf"] == pytest.approx(100.0)
+    with_refs = make_compute_metrics(tokenizer, references=["Etwas ganz anderes.", "Noch etwas."])
+    assert with_refs(EvalPrediction(predictions=(predictions,), label_ids=labels))["bleu"] < 10
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 16])
+def test_derangement_moves_every_row(n):
+    generator = torch.Generator().manual_seed(n)
+    for _ in range(20):
+        perm = derangement(n, generator)
+        assert sorted(perm.tolist()) == list(range(n))
+        assert not (perm == torch.arange(n)).any()
+    with pytest.raises(ValueError):
+        derangement(1)
+
+
+def test_gap_flag_logic():
+    assert source_gap_flag(2.0, 2.01)["source_collapsed"] is True
+    flag = source_gap_flag(2.0, 3.5, min_gap=0.05)
+    assert flag["source_gap"] == pytest.approx(1.5) and flag["source_collapsed"] is False
+    assert source_gap_flag(2.0, 1.9)["source_collapsed"] is True  # shuffling helps: certainly not using the source
+    with pytest.raises(ValueError, match="min_gap"):
+        source_gap_flag(1.0, 2.0, min_gap=-1)
+    with pytest.raises(ValueError, match="finite"):
+        source_gap_flag(math.nan, 2.0)
+
+
+class SourceAware(torch.nn.Module):
+    """Loss 0.1 when the first source token equals the first label, else 2.1 (uses its source)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask, labels, **_):
+        match = (input_ids[:, 0] == labels[:, 0]).float()
+        return SimpleNamespace(loss=(0.1 + 2.0 * (1 - match)).mean() + self.weight)
+
+
+class TargetOnly(SourceAware):
+    """Loss that never looks at the source: a collapsed target-side language model."""
+
+    def forward(self, input_ids, attention_mask, labels, **_):
+        return SimpleNamespace(loss=labels.float().mean() * 0 + 1.7 + self.weight)
+
+
+def batches(sizes):
+    for size in sizes:
+        ids = torch.arange(10, 10 + size).unsqueeze(1).repeat(1, 3)
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def test_shuffled_source_check_separates_models():
+    aware = SourceAware().train()
+    result = shuffled_source_check(aware, batches([4, 1, 6]))
+    assert result["loss"] == pytest.approx(0.1) and result["shuffled_source_loss"] == pytest.approx(2.1)
+    assert result["source_collapsed"] is False
+    assert aware.training  # mode restored
+    collapsed = shuffled_source_check(TargetOnly(), batches([4, 6]))
+    assert collapsed["source_gap"] == pytest.approx(0.0) and collapsed["source_collapsed"] is True
+    with pytest.raises(ValueError, match="at least 2"):
+        shuffled_source_check(aware, batches([1, 1]))

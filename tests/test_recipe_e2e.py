@@ -1,0 +1,200 @@
+"""End to end: run recipes/multi30k.py on a few hundred pairs, reload its output offline,
+check results.json and the model card; push to a fake Hub; resume; config file + flags."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from multi30k_fixtures import REAL_DATA, REPO, real_data_available, write_synthetic_corpus
+
+from fngd_hf.translate import load_translator, translate, translation_pipeline_available
+
+RECIPE = REPO / "recipes" / "multi30k.py"
+TINY_ARGS = [
+    "--preset", "tiny", "--max_train_samples", "200", "--max_eval_samples", "16", "--max_predict_samples", "16",
+    "--vocab_size", "400", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16",
+    "--max_generation_length", "16", "--beam_size", "2", "--learning_rate", "3e-3",
+    "--use_cpu", "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "5",
+]
+
+
+def fngd_trainer_available() -> bool:
+    try:
+        import fngd_hf
+
+        fngd_hf.FNGD  # noqa: B018 - the optimizer must exist
+        from fngd_hf.trainer import FNGDTrainer  # noqa: F401
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+def load_recipe_module():
+    if "multi30k_recipe" in sys.modules:
+        return sys.modules["multi30k_recipe"]
+    spec = importlib.util.spec_from_file_location("multi30k_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["multi30k_recipe"] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    if real_data_available():
+        return REAL_DATA.resolve()
+    return write_synthetic_corpus(tmp_path_factory.mktemp("multi30k"))
+
+
+def expected_test_splits(data_dir):
+    stems = ("test_2016_flickr", "test_2017_flickr", "test_2017_mscoco", "test_2018_flickr")
+    return {s for s in stems if (data_dir / f"{s}.de").exists() or (data_dir / f"{s}.de.gz").exists()}
+
+
+def run_recipe(output_dir, data_dir, optimizer, *extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "TOKENIZERS_PARALLELISM": "false",
+           # tiny model: one thread is as fast, and spinning OpenMP threads crawl when the CPUs are shared
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(RECIPE), "--output_dir", str(output_dir), "--data_dir", str(data_dir),
+               "--optimizer", optimizer, "--num_train_epochs", "1", *TINY_ARGS, *extra]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return output_dir
+
+
+def check_output(output_dir, data_dir, optimizer):
+    names = {p.name for p in output_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "README.md", "results.json"} <= names
+    results = json.loads((output_dir / "results.json").read_text())
+    splits = expected_test_splits(data_dir)
+    assert set(results["test"]) == splits
+    for split in splits:
+        assert 0.0 <= results["test"][split]["bleu"] <= 100.0 and 0.0 <= results["test"][split]["chrf"] <= 100.0
+        lines = (output_dir / f"predictions_{split}.de").read_text(encoding="utf-8").split("\n")
+        assert len(lines) - 1 == results["test"][split]["examples"] <= 16  # one line per hypothesis
+    validation = results["validation"]
+    assert {"eval_loss", "eval_bleu", "eval_chrf", "eval_source_gap", "eval_source_collapsed"} <= set(validation)
+    assert results["optimizer"] == optimizer
+
+    meta = yaml.safe_load((output_dir / "README.md").read_text(encoding="utf-8").split("---\n")[1])
+    assert {"translation", "fngd", optimizer} <= set(meta["tags"]) and meta["language"] == ["en", "de"]
+    card_splits = {entry["dataset"]["split"] for entry in meta["model-index"][0]["results"]}
+    assert card_splits == splits
+
+    model, tokenizer = load_translator(str(output_dir))
+    outputs = translate(model, tokenizer, ["A dog runs.", "Two men are outside."], max_length=16)
+    assert len(outputs) == 2 and all(isinstance(text, str) for text in outputs)
+    if translation_pipeline_available():  # transformers 4.x; 5.x removed pipeline("translation")
+        from transformers import pipeline
+
+        assert len(pipeline("translation", model=str(output_dir))(["A dog runs."])) == 1
+    return results
+
+
+def test_recipe_adamw(tmp_path, data_dir):
+    output_dir = run_recipe(tmp_path / "adamw", data_dir, "adamw")
+    check_output(output_dir, data_dir, "adamw")
+    assert "Optimizer used: **AdamW**" in (output_dir / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "learning_rate"),
+    [("adamw", "5e-3"),
+     pytest.param("fngd", "1e-1", marks=pytest.mark.skipif(not fngd_trainer_available(), reason="no fngd_hf.trainer"))],
+)
+def test_recipe_learns_a_toy_language_pair(tmp_path, optimizer, learning_rate):
+    """On a word-for-word toy corpus a few epochs give high BLEU, and the shuffled-source check sees
+    a model that uses its source (not collapsed)."""
+    data_dir = write_synthetic_corpus(tmp_path / "toy", sizes={"train": 600, "val": 32, "test_2016_flickr": 32})
+    output_dir = run_recipe(tmp_path / "toy_out", data_dir, optimizer, "--num_train_epochs", "8", "--vocab_size", "300",
+                            "--learning_rate", learning_rate, "--warmup_steps", "20", "--max_train_samples", "600",
+                            "--max_generation_length", "40", "--eval_strategy", "no", "--save_strategy", "no")
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["validation"]["eval_source_collapsed"] is False
+    assert results["validation"]["eval_source_gap"] > 0.5
+    assert results["test"]["test_2016_flickr"]["bleu"] > 50
+
+
+@pytest.mark.skipif(not fngd_trainer_available(), reason="fngd_hf.FNGD / fngd_hf.trainer not available yet")
+def test_recipe_fngd(tmp_path, data_dir):
+    output_dir = run_recipe(tmp_path / "fngd", data_dir, "fngd")
+    check_output(output_dir, data_dir, "fngd")
+    card = (output_dir / "README.md").read_text(encoding="utf-8")
+    assert "Optimizer used: **FNGD" in card and "fngd_hf.optimizer.FNGD" in card
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi: records calls, never touches the network."""
+
+    calls = []
+
+    def __init__(self, token=None, **_):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None, **_):
+        FakeHfApi.calls.append(("create_repo", repo_id, exist_ok))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **_):
+        files = sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())
+        FakeHfApi.calls.append(("upload_folder", repo_id, files, ignore_patterns))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+
+def test_push_to_hub_and_resume_in_process(tmp_path, data_dir, monkeypatch, caplog):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    FakeHfApi.calls = []
+    recipe = load_recipe_module()
+    output_dir = tmp_path / "push"
+    # --tokenizer_name: an existing tokenizer is used as is instead of training one.
+    from fngd_hf.data import load_multi30k
+    from fngd_hf.tokenization import train_tokenizer
+
+    given = train_tokenizer(load_multi30k(data_dir=data_dir, max_train_samples=100)["train"], ["en", "de"], vocab_size=350)
+    given.save_pretrained(tmp_path / "given_tokenizer")
+    common = ["--tokenizer_name", str(tmp_path / "given_tokenizer"), "--output_dir", str(output_dir), "--data_dir", str(data_dir), "--optimizer", "adamw", *TINY_ARGS,
+              "--max_train_samples", "64", "--max_predict_samples", "4", "--max_eval_samples", "4",
+              "--max_generation_length", "6", "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "2"]
+    recipe.main([*common, "--max_steps", "2", "--do_eval", "False"])
+    assert (output_dir / "checkpoint-2").is_dir()
+    assert json.loads((output_dir / "config.json").read_text())["vocab_size"] == len(given)
+    assert recipe.find_checkpoint(recipe.parse_args([*common, "--max_steps", "3"])[2]) == str(output_dir / "checkpoint-2")
+
+    # A second run with more steps resumes from checkpoint-2 and pushes the final folder.
+    with caplog.at_level("INFO", logger="multi30k"):
+        results = recipe.main([*common, "--max_steps", "3", "--do_eval", "False", "--push_to_hub", "True",
+                               "--hub_model_id", "me/m30k-tiny", "--hub_token", "fake"])
+    assert f"resuming from {output_dir / 'checkpoint-2'}" in caplog.text
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert results["train"]["epoch"] > 0
+    assert FakeHfApi.calls[0] == ("create_repo", "me/m30k-tiny", True)
+    kind, repo, files, ignore = FakeHfApi.calls[1]
+    assert (kind, repo) == ("upload_folder", "me/m30k-tiny")
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(files)
+    assert any(pattern.startswith("checkpoint-") for pattern in ignore)
+    meta = yaml.safe_load((output_dir / "README.md").read_text(encoding="utf-8").split("---\n")[1])
+    assert meta["model-index"][0]["name"] == "me/m30k-tiny"
+
+
+def test_config_file_with_flag_overrides(tmp_path):
+    recipe = load_recipe_module()
+    config = tmp_path / "config.yaml"
+    config.write_text("output_dir: out\npreset: tiny\nlearning_rate: 5e-4\noptimizer: adamw\nd_model: 64\n")
+    model_args, data_args, training_args = recipe.parse_args([str(config), "--learning_rate", "1e-3", "--source_lang", "de", "--target_lang", "en"])
+    assert model_args.preset == "tiny" and model_args.overrides() == {"d_model": 64}
+    assert training_args.learning_rate == pytest.approx(1e-3) and training_args.output_dir == "out"
+    assert (data_args.source_lang, data_args.target_lang) == ("de", "en")
+    assert training_args.predict_with_generate and str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) == "epoch"
+    json_config = tmp_path / "config.json"
+    json_config.write_text(json.dumps({"output_dir": "out", "optimizer": "sgd", "num_beams_typo": 3}))
+    with pytest.raises(ValueError, match="num_beams_typo"):
+        recipe.parse_args([str(json_config)])
