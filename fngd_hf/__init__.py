@@ -3,6 +3,7 @@
 from .layers import select_modules
 from .cwngd import CWNGD
 from .optimizer import FNGD
+from .trainer import FNGDTrainer, FNGDTrainingArguments
 
-__all__ = ["CWNGD", "FNGD", "select_modules"]
+__all__ = ["CWNGD", "FNGD", "FNGDTrainer", "FNGDTrainingArguments", "select_modules"]
 __version__ = "0.1.0"

@@ -106,7 +106,7 @@ class FNGD(LayerwiseOptimizer):
         self.scale_mode = scale_mode
         self.stat_dtype = stat_dtype
         self.gram_path = gram_path
-        self._pending: dict[int, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+        self._pending: dict[int, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}  # per layer, per micro-batch
         self._fixed_accumulation_warned = False
         self._diag = self._empty_diagnostics()
 
@@ -172,7 +172,9 @@ class FNGD(LayerwiseOptimizer):
                 layer, self._stats(x), self._stats(delta), scale, group
             )
             if bank_slot is not None:
-                self._pending[id(layer)] = (bank_slot, micro, beta.detach().float(), trace.detach().float())
+                self._pending.setdefault(id(layer), []).append(
+                    (bank_slot, micro, beta.detach().float(), trace.detach().float())
+                )
             # Kept as tensors: no host sync here; step() and diagnostics() read them once.
             self._diag["damping"] = self._diag["damping"] + damping_b.detach().float().mean() / batch
             self._diag["gram_norm"] = self._diag["gram_norm"] + gram_norm.detach().float().mean()
@@ -233,37 +235,38 @@ class FNGD(LayerwiseOptimizer):
         """Store the coefficients staged by this step's backward (never those of a skipped step)."""
         period = self._steps_per_epoch
         for layer in self._layers:
-            entry = self._pending.get(id(layer))
-            if entry is None:
-                continue
-            slot, micro, beta, trace = entry
-            state = self.state[layer.weight]
-            bank = state.get("coef_bank")
-            batch, unit_shape = beta.shape[0], tuple(beta.shape[1:])  # CW-NGD: one beta per unit
-            if bank is None or bank.shape[0] != period or tuple(bank.shape[3:]) != unit_shape:
-                if bank is not None:
-                    warnings.warn(
-                        f"steps_per_epoch changed to {period}: the coefficient bank of {layer.name} restarts",
-                        RuntimeWarning,
-                    )
-                state["coef_bank"] = beta.new_zeros(period, micro + 1, batch, *unit_shape)
-                state["coef_size"] = torch.zeros(period, micro + 1, dtype=torch.int64, device=beta.device)
-                state["coef_trace"] = beta.new_zeros(period, micro + 1, *unit_shape)
-            bank = state["coef_bank"]
-            if micro >= bank.shape[1] or batch > bank.shape[2]:
-                micro_cap, batch_cap = max(micro + 1, bank.shape[1]), max(batch, bank.shape[2])
-                grown = beta.new_zeros(period, micro_cap, batch_cap, *unit_shape)
-                grown[:, : bank.shape[1], : bank.shape[2]] = bank
-                sizes = state["coef_size"].new_zeros(period, micro_cap)
-                sizes[:, : bank.shape[1]] = state["coef_size"]
-                traces = beta.new_zeros(period, micro_cap, *unit_shape)
-                traces[:, : bank.shape[1]] = state["coef_trace"]
-                state["coef_bank"], state["coef_size"], state["coef_trace"] = grown, sizes, traces
-                bank = grown
-            bank[slot, micro].zero_()
-            bank[slot, micro, :batch] = beta
-            state["coef_size"][slot, micro] = batch
-            state["coef_trace"][slot, micro] = trace
+            for slot, micro, beta, trace in self._pending.get(id(layer), ()):
+                self._store(layer, period, slot, micro, beta, trace)
+
+    def _store(self, layer: CapturedLayer, period: int, slot: int, micro: int, beta: torch.Tensor, trace: torch.Tensor):
+        """Write one micro-batch's coefficients into the layer's bank, growing it as needed."""
+        state = self.state[layer.weight]
+        bank = state.get("coef_bank")
+        batch, unit_shape = beta.shape[0], tuple(beta.shape[1:])  # CW-NGD: one beta per unit
+        if bank is None or bank.shape[0] != period or tuple(bank.shape[3:]) != unit_shape:
+            if bank is not None:
+                warnings.warn(
+                    f"steps_per_epoch changed to {period}: the coefficient bank of {layer.name} restarts",
+                    RuntimeWarning,
+                )
+            state["coef_bank"] = beta.new_zeros(period, micro + 1, batch, *unit_shape)
+            state["coef_size"] = torch.zeros(period, micro + 1, dtype=torch.int64, device=beta.device)
+            state["coef_trace"] = beta.new_zeros(period, micro + 1, *unit_shape)
+        bank = state["coef_bank"]
+        if micro >= bank.shape[1] or batch > bank.shape[2]:
+            micro_cap, batch_cap = max(micro + 1, bank.shape[1]), max(batch, bank.shape[2])
+            grown = beta.new_zeros(period, micro_cap, batch_cap, *unit_shape)
+            grown[:, : bank.shape[1], : bank.shape[2]] = bank
+            sizes = state["coef_size"].new_zeros(period, micro_cap)
+            sizes[:, : bank.shape[1]] = state["coef_size"]
+            traces = beta.new_zeros(period, micro_cap, *unit_shape)
+            traces[:, : bank.shape[1]] = state["coef_trace"]
+            state["coef_bank"], state["coef_size"], state["coef_trace"] = grown, sizes, traces
+            bank = grown
+        bank[slot, micro].zero_()
+        bank[slot, micro, :batch] = beta
+        state["coef_size"][slot, micro] = batch
+        state["coef_trace"][slot, micro] = trace
 
     # ------------------------------------------------------------------------ diagnostics
     @staticmethod

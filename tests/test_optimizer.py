@@ -360,3 +360,13 @@ def test_bf16_autocast_uses_float32_statistics():
     # bf16 activations change beta only slightly.
     torch.testing.assert_close(bank, ref_bank, rtol=0.1, atol=1e-3 * float(ref_bank.abs().max()))
     assert opt.skipped_steps == 0
+
+
+def test_every_micro_batch_of_an_accumulated_step_is_banked():
+    model = make_mlp()
+    opt = FNGD(model, steps_per_epoch=1, gradient_accumulation_steps=2)
+    for seed in range(2):
+        x, y = mlp_batch(seed)
+        (nn.functional.cross_entropy(model(x), y) / 2).backward()
+    opt.step()
+    assert opt.state[model[0].weight]["coef_size"].tolist() == [[5, 5]]

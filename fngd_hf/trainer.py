@@ -1,0 +1,429 @@
+"""Hugging Face ``Seq2SeqTrainer`` integration: :class:`FNGDTrainingArguments` and :class:`FNGDTrainer`.
+
+Usage::
+
+    from fngd_hf import FNGDTrainer, FNGDTrainingArguments
+
+    args = FNGDTrainingArguments(output_dir="out", optimizer="fngd", learning_rate=1e-2,
+                                 per_device_train_batch_size=32, num_train_epochs=3)
+    trainer = FNGDTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+    trainer.train()
+
+``FNGDTrainer`` builds :class:`~fngd_hf.FNGD` from the arguments (or uses the one passed in
+``optimizers=(FNGD(...), None)``), tells it the epoch length and the accumulation count, scales
+the loss the way FNGD's per-sample statistics assume, clips the FNGD update instead of its raw
+gradient, logs the optimizer's diagnostics and keeps the per-rank coefficient banks in
+checkpoints. With ``optimizer="adamw"`` or ``"sgd"`` it behaves like the stock ``Seq2SeqTrainer``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, fields
+
+import torch
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers.trainer_utils import has_length
+
+from .optimizer import FNGD
+
+OPTIMIZERS = ("fngd", "ngd", "adamw", "sgd")
+STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SGD_MOMENTUM = 0.9
+_BANK_KEYS = ("coef_bank", "coef_size", "coef_trace")
+_RANK_BANK_FILE = "fngd_coefficients_rank{rank}.pt"
+
+
+def unwrap_fngd(optimizer) -> FNGD | None:
+    """The :class:`FNGD` inside ``optimizer`` (accelerate wraps it; ``.optimizer`` reaches in), else ``None``."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, FNGD):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return None
+
+
+@dataclass
+class FNGDTrainingArguments(Seq2SeqTrainingArguments):
+    """``Seq2SeqTrainingArguments`` plus the optimizer choice and FNGD's settings.
+
+    ``learning_rate`` is FNGD's ``lr``, ``weight_decay`` the AdamW part's decoupled weight decay,
+    ``adam_beta1/2`` and ``adam_epsilon`` the AdamW part's constants, ``max_grad_norm`` the
+    global clip of the FNGD update direction (see :class:`FNGDTrainer`).
+    """
+
+    optimizer: str = field(
+        default="fngd",
+        metadata={
+            "help": "fngd: FNGD with coefficient sharing; ngd: the same with coefficients recomputed every step; "
+            "adamw: the Trainer's own optimizer (`optim`); sgd: torch.optim.SGD with momentum 0.9.",
+            "choices": list(OPTIMIZERS),
+        },
+    )
+    fngd_damping: float = field(
+        default=1.0, metadata={"help": "FNGD damping: gamma (relative mode) or lambda (fixed mode)."}
+    )
+    fngd_damping_mode: str = field(
+        default="relative",
+        metadata={
+            "help": "relative: lambda*B = gamma*||K||_F; fixed: lambda as given.",
+            "choices": ["relative", "fixed"],
+        },
+    )
+    fngd_damping_floor: float = field(
+        default=0.0, metadata={"help": "Relative damping only: lambda >= damping_floor."}
+    )
+    fngd_momentum: float = field(default=0.9, metadata={"help": "Heavy-ball momentum on the FNGD direction."})
+    fngd_weight_decay: float = field(
+        default=0.0, metadata={"help": "Decoupled weight decay of the FNGD-managed layers (weight and bias)."}
+    )
+    fngd_share_coefficients: bool = field(
+        default=True,
+        metadata={"help": "Reuse the first epoch's coefficients in later epochs (ignored for optimizer=ngd)."},
+    )
+    fngd_scale_mode: str = field(
+        default="shared",
+        metadata={
+            "help": "shared: reuse beta as stored; refreshed: rescale it by tr(K_stored)/tr(K_new).",
+            "choices": ["shared", "refreshed"],
+        },
+    )
+    fngd_max_update_ratio: float | str | None = field(
+        default="auto",
+        metadata={
+            "help": "Per-layer trust region lr*||d|| <= ratio*||[W|b]||: a float, 'auto' (0.01 with relative "
+            "damping, off with fixed) or 'none'."
+        },
+    )
+    fngd_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module-name regexes or suffixes of the layers FNGD manages; default: every nn.Linear/Conv1D "
+            "except vocabulary heads and layers tied to embeddings."
+        },
+    )
+    fngd_stat_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the Gram matrix and the Cholesky solve.", "choices": list(STAT_DTYPES)},
+    )
+    fngd_adamw_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the AdamW part (default: learning_rate)."}
+    )
+
+    def __post_init__(self):
+        self._validate_fngd()
+        super().__post_init__()
+
+    def _validate_fngd(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Invalid optimizer: {self.optimizer!r} (expected one of {', '.join(OPTIMIZERS)})")
+        if not self.fngd_damping > 0.0:
+            raise ValueError(f"Invalid fngd_damping: {self.fngd_damping} (must be > 0)")
+        if self.fngd_damping_mode not in ("relative", "fixed"):
+            raise ValueError(f"Invalid fngd_damping_mode: {self.fngd_damping_mode!r} (expected 'relative' or 'fixed')")
+        if self.fngd_damping_floor < 0.0:
+            raise ValueError(f"Invalid fngd_damping_floor: {self.fngd_damping_floor} (must be >= 0)")
+        if not 0.0 <= self.fngd_momentum < 1.0:
+            raise ValueError(f"Invalid fngd_momentum: {self.fngd_momentum} (must be in [0, 1))")
+        if self.fngd_weight_decay < 0.0:
+            raise ValueError(f"Invalid fngd_weight_decay: {self.fngd_weight_decay} (must be >= 0)")
+        if self.fngd_scale_mode not in ("shared", "refreshed"):
+            raise ValueError(f"Invalid fngd_scale_mode: {self.fngd_scale_mode!r} (expected 'shared' or 'refreshed')")
+        self.fngd_max_update_ratio = _parse_ratio(self.fngd_max_update_ratio)
+        if isinstance(self.fngd_target_modules, str):
+            self.fngd_target_modules = [self.fngd_target_modules]
+        if self.fngd_target_modules is not None and len(self.fngd_target_modules) == 0:
+            raise ValueError("Invalid fngd_target_modules: an empty list (use None for the default choice)")
+        if self.fngd_stat_dtype not in STAT_DTYPES:
+            raise ValueError(f"Invalid fngd_stat_dtype: {self.fngd_stat_dtype!r} (expected 'float32' or 'float64')")
+        if self.fngd_adamw_lr is not None and not self.fngd_adamw_lr > 0.0:
+            raise ValueError(f"Invalid fngd_adamw_lr: {self.fngd_adamw_lr} (must be > 0, or None)")
+        if self.optimizer in ("fngd", "ngd") and self.fp16:
+            raise ValueError(_FP16_MESSAGE)
+
+    @property
+    def uses_fngd(self) -> bool:
+        return self.optimizer in ("fngd", "ngd")
+
+    @property
+    def fngd_dtype(self) -> torch.dtype:
+        return STAT_DTYPES[self.fngd_stat_dtype]
+
+
+_FP16_MESSAGE = (
+    "FNGD does not support fp16 with a GradScaler: the scaler multiplies the loss before backward, and FNGD's "
+    "Gram matrix and coefficients (computed during backward) are not linear in that scale, and steps the scaler "
+    "skips would leave half-accumulated statistics behind. Use bf16=True (statistics stay float32) or float32."
+)
+
+
+def _parse_ratio(value):
+    """``fngd_max_update_ratio`` from the command line arrives as a string."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        ratio = None if value is None else float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text in ("none", "null", "off", ""):
+            return None
+        try:
+            ratio = float(text)
+        except ValueError:
+            raise ValueError(
+                f"Invalid fngd_max_update_ratio: {value!r} (a positive number, 'auto' or 'none')"
+            ) from None
+    else:
+        raise ValueError(f"Invalid fngd_max_update_ratio: {value!r} (a positive number, 'auto' or 'none')")
+    if ratio is not None and not ratio > 0.0:
+        raise ValueError(f"Invalid fngd_max_update_ratio: {value!r} (must be > 0)")
+    return ratio
+
+
+_ARG_DEFAULTS = {f.name: f.default for f in fields(FNGDTrainingArguments) if f.name.startswith(("fngd_", "optimizer"))}
+
+
+class FNGDTrainer(Seq2SeqTrainer):
+    """``Seq2SeqTrainer`` that trains with :class:`~fngd_hf.FNGD` (or AdamW/SGD baselines).
+
+    What it changes when the optimizer is FNGD (built from :class:`FNGDTrainingArguments`, or
+    passed as ``optimizers=(FNGD(model, ...), None)``); with AdamW/SGD nothing below applies:
+
+    * **Epoch length and accumulation.** ``optimizer.steps_per_epoch`` is set to the Trainer's
+      own count of optimizer steps per epoch, ``ceil(len(train_dataloader) / GA)`` (the last,
+      shorter accumulation window of an epoch is one step; under DDP ``len`` is per rank).
+      ``optimizer.gradient_accumulation_steps`` is set before every step to the number of
+      micro-batches that step really has (``GA``, or the remainder at an epoch's end), so FNGD's
+      per-sample scale ``B·M`` is exact for both damping modes.
+    * **Loss scaling under gradient accumulation.** FNGD assumes the micro-batch losses sum to the
+      mean loss of the accumulated batch. Trainer 5.x passes ``num_items_in_batch`` to any model
+      whose ``forward`` takes ``**kwargs`` and then treats the loss as already normalised for
+      accumulation, so it does *not* divide by GA; BART, Marian and T5 ignore ``num_items_in_batch``
+      and return their micro-batch token mean, so the stock Trainer backpropagates ``M`` times the
+      mean loss (with relative damping FNGD's step would then be ``M`` times too small; under DDP
+      ``average_tokens_across_devices`` multiplies the loss by the world size as well). For FNGD
+      this trainer therefore drops ``num_items_in_batch`` in training and sets
+      ``loss_is_scaled_for_ga = False``: every micro-batch backpropagates
+      ``(its mean loss) / (micro-batches in this step)``, whatever the model does with loss kwargs.
+      A ``compute_loss_func`` is trusted to normalise by ``num_items_in_batch`` itself (the
+      Trainer's contract), and is left alone.
+    * **max_grad_norm.** The ``.grad`` of FNGD layers holds the natural-gradient direction ``d``,
+      not a gradient. ``max_grad_norm`` becomes FNGD's ``clip_update_norm`` when the trainer
+      builds the optimizer: the global L2 norm of ``d`` over all FNGD layers is clipped at
+      ``step()``, after the per-layer trust region and before momentum. The Trainer's own clipping
+      (and the logged ``grad_norm``) covers only the ordinary gradients of the AdamW part
+      (embeddings, LayerNorms, heads). ``"fngd/direction_norm"`` logs the unclipped norm of ``d``.
+    * **Precision.** bf16 autocast works; FNGD's statistics stay in ``fngd_stat_dtype``. fp16
+      (GradScaler) raises a ``ValueError`` at argument/trainer construction.
+    * **Logging.** Each training log record gets ``optimizer.diagnostics()`` (means since the last
+      log; entries that are NaN because nothing was computed, e.g. damping in the shared phase, are
+      left out) and ``fngd/direction_norm``.
+    * **Distributed.** Each rank computes ``β`` from its own micro-batch (per-sample scale from
+      the local batch size) and writes its local ``d``; DDP averages ``d`` over ranks, so the step
+      is the mean of the ranks' natural gradients, and trust region/clipping then see identical
+      values on every rank. Each rank's coefficient bank differs, so checkpoints store every
+      rank's bank (``fngd_coefficients_rank{r}.pt``) besides the Trainer's ``optimizer.pt``.
+    * **Evaluation and generate().** The Trainer calls ``optimizer.eval()``; FNGD also captures
+      nothing under ``no_grad`` or ``model.eval()``.
+
+    FSDP and DeepSpeed are not supported with FNGD (they flatten or shard the Linear weights).
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._loss_scaled_override: bool | None = None
+        self._fngd_steps_per_epoch: int | None = None
+        self._fngd_direction_norm: torch.Tensor | None = None
+        super().__init__(*args, **kwargs)
+        if self._fngd_requested() or unwrap_fngd(self.optimizer) is not None:
+            if self.args.fp16:
+                raise ValueError(_FP16_MESSAGE)
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError("FNGD needs whole nn.Linear weights: DeepSpeed and FSDP are not supported")
+
+    # ----------------------------------------------------------------------------- settings
+    def _arg(self, name: str):
+        return getattr(self.args, name, _ARG_DEFAULTS[name])
+
+    def _fngd_requested(self) -> bool:
+        return self._arg("optimizer") in ("fngd", "ngd")
+
+    @property
+    def fngd_optimizer(self) -> FNGD | None:
+        """The FNGD instance in use (unwrapped from accelerate), or ``None``."""
+        return unwrap_fngd(getattr(self, "optimizer", None))
+
+    @property
+    def loss_is_scaled_for_ga(self) -> bool | None:
+        if self._loss_scaled_override is not None:
+            return self._loss_scaled_override
+        if self.fngd_optimizer is not None and self.compute_loss_func is None:
+            return False  # we drop num_items_in_batch: the loss is each micro-batch's mean
+        return None
+
+    @loss_is_scaled_for_ga.setter
+    def loss_is_scaled_for_ga(self, value: bool | None) -> None:
+        self._loss_scaled_override = value
+
+    # ---------------------------------------------------------------------------- optimizer
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            name = self._arg("optimizer")
+            opt_model = self.model if model is None else model
+            if name in ("fngd", "ngd"):
+                self.optimizer = self._build_fngd(opt_model, share=name == "fngd")
+            elif name == "sgd":
+                self.optimizer = self._build_sgd(opt_model)
+            else:
+                super().create_optimizer(model)
+        self._configure_fngd()
+        return self.optimizer
+
+    def _build_fngd(self, model, share: bool) -> FNGD:
+        args = self.args
+        ratio = _parse_ratio(self._arg("fngd_max_update_ratio"))
+        return FNGD(
+            model,
+            lr=args.learning_rate,
+            damping=self._arg("fngd_damping"),
+            damping_mode=self._arg("fngd_damping_mode"),
+            momentum=self._arg("fngd_momentum"),
+            weight_decay=self._arg("fngd_weight_decay"),
+            share_coefficients=share and self._arg("fngd_share_coefficients"),
+            steps_per_epoch=self._fngd_steps_per_epoch,
+            target_modules=self._arg("fngd_target_modules"),
+            adamw_lr=self._arg("fngd_adamw_lr"),
+            adamw_betas=(args.adam_beta1, args.adam_beta2),
+            adamw_eps=args.adam_epsilon,
+            adamw_weight_decay=args.weight_decay,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            damping_floor=self._arg("fngd_damping_floor"),
+            max_update_ratio=ratio,
+            scale_mode=self._arg("fngd_scale_mode"),
+            clip_update_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
+            stat_dtype=STAT_DTYPES[self._arg("fngd_stat_dtype")],
+        )
+
+    def _build_sgd(self, model) -> torch.optim.SGD:
+        decay = set(self.get_decay_parameter_names(model))
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in params if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
+        ]
+        return torch.optim.SGD([g for g in groups if g["params"]], lr=self.args.learning_rate, momentum=SGD_MOMENTUM)
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        # values[1] is the Trainer's own num_update_steps_per_epoch: ceil(len / GA), remainder included.
+        self._fngd_steps_per_epoch = int(values[1]) if has_length(dataloader) else None
+        return values
+
+    def _configure_fngd(self) -> None:
+        opt = self.fngd_optimizer
+        if opt is None:
+            return
+        period = self._fngd_steps_per_epoch
+        if period is not None and opt.steps_per_epoch != period:
+            if opt.steps_per_epoch is not None:
+                warnings.warn(
+                    f"FNGD steps_per_epoch={opt.steps_per_epoch} differs from the Trainer's {period} optimizer "
+                    f"steps per epoch; using {period}.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            opt.steps_per_epoch = period
+        micro = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        if opt.gradient_accumulation_steps != micro:
+            opt.gradient_accumulation_steps = micro
+
+    # ------------------------------------------------------------------------- the step
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # current_gradient_accumulation_steps is the micro-batch count of this step (the remainder at an epoch's end).
+        self._configure_fngd()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.compute_loss_func is None and self.fngd_optimizer is not None:
+            num_items_in_batch = None  # see the class docstring: each micro-batch's own mean, divided by GA
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _fngd_split(self):
+        opt = self.fngd_optimizer
+        fngd = [p for g in opt.param_groups if g["fngd"] for p in g["params"] if p.grad is not None]
+        plain = [p for g in opt.param_groups if not g["fngd"] for p in g["params"] if p.grad is not None]
+        return fngd, plain
+
+    def _clip_grad_norm(self, model):
+        if self.fngd_optimizer is None:
+            return super()._clip_grad_norm(model)
+        fngd, plain = self._fngd_split()
+        self._record_direction_norm(fngd)
+        if not plain:
+            return torch.zeros((), device=self.args.device)
+        return self.accelerator.clip_grad_norm_(plain, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self.fngd_optimizer is None or grad_norm is not None:
+            return super()._get_grad_norm(model, grad_norm=grad_norm)
+        fngd, plain = self._fngd_split()
+        self._record_direction_norm(fngd)
+        if not plain:
+            return torch.zeros((), device=self.args.device)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in plain]))
+
+    def _record_direction_norm(self, params) -> None:
+        if params:
+            self._fngd_direction_norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])
+            )
+
+    # ------------------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        opt = self.fngd_optimizer
+        if opt is not None and "loss" in logs:
+            for key, value in opt.diagnostics().items():
+                if not math.isnan(value):
+                    logs[key] = value
+            if self._fngd_direction_norm is not None:
+                logs["fngd/direction_norm"] = float(self._fngd_direction_norm)
+        super().log(logs, start_time)
+
+    # -------------------------------------------------------------------------- checkpoints
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        opt = self.fngd_optimizer
+        if opt is None or self.args.world_size <= 1:
+            return  # optimizer.pt already holds the only bank
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(_local_banks(opt), os.path.join(output_dir, _RANK_BANK_FILE.format(rank=self.args.process_index)))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        opt = self.fngd_optimizer
+        if checkpoint is None or opt is None:
+            return
+        path = os.path.join(checkpoint, _RANK_BANK_FILE.format(rank=self.args.process_index))
+        if self.args.world_size > 1 and os.path.isfile(path):
+            _restore_banks(opt, torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _local_banks(opt: FNGD) -> dict[int, dict[str, torch.Tensor]]:
+    """This rank's coefficient bank, keyed by the parameter's index in ``param_groups`` order."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return {
+        index: {key: opt.state[p][key] for key in _BANK_KEYS if key in opt.state.get(p, {})}
+        for index, p in enumerate(params)
+        if any(key in opt.state.get(p, {}) for key in _BANK_KEYS)
+    }
+
+
+def _restore_banks(opt: FNGD, banks: dict[int, dict[str, torch.Tensor]]) -> None:
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for index, saved in banks.items():
+        param = params[int(index)]
+        for key, value in saved.items():
+            opt.state[param][key] = value.to(param.device)

@@ -1,0 +1,399 @@
+"""FNGDTrainer / FNGDTrainingArguments: optimizer construction, accumulation, clipping, precision, resume, eval."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    HfArgumentParser,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    T5Config,
+    T5ForConditionalGeneration,
+    TrainerCallback,
+)
+
+import fngd_hf.functional as functional
+from fngd_hf import FNGD
+from fngd_hf.trainer import FNGDTrainer, FNGDTrainingArguments, unwrap_fngd
+
+VOCAB = 20
+
+
+class CopyTask(torch.utils.data.Dataset):
+    """Fixed-length copy task: no padding, so the default collator stacks it."""
+
+    def __init__(self, n, length=6, seed=0, repeat=1):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randint(3, VOCAB, (n, length), generator=g)
+        # repeat=2: every block of 4 rows appears twice in a row (see the accumulation tests)
+        self.rows = base if repeat == 1 else base.view(-1, 4, length).repeat_interleave(repeat, dim=0).view(-1, length)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        x = self.rows[i]
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+
+def tiny_bart(seed=0):
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=16,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2,
+    )
+    return BartForConditionalGeneration(config)
+
+
+def tiny_t5(seed=0):
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2,
+        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-2, report_to=[],
+        use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0,
+    )
+    defaults.update(kwargs)
+    return FNGDTrainingArguments(**defaults)
+
+
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def losses(trainer):
+    return [r["loss"] for r in trainer.state.log_history if "loss" in r]
+
+
+def relative_difference(a, b):
+    """‖a - b‖ / ‖b‖ over all tensors of two name -> tensor dicts together."""
+    diff = sum(float((a[n] - b[n]).pow(2).sum()) for n in a)
+    return math.sqrt(diff / sum(float(b[n].pow(2).sum()) for n in b))
+
+
+def moved(final, start):
+    return {n: final[n] - start[n] for n in final}
+
+
+# ----------------------------------------------------------------------------- arguments
+def test_arguments_parse_from_the_command_line(tmp_path):
+    parser = HfArgumentParser(FNGDTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir", str(tmp_path), "--optimizer", "ngd", "--fngd_damping", "0.1",
+            "--fngd_damping_mode", "fixed", "--fngd_max_update_ratio", "none", "--fngd_target_modules", "q_proj",
+            "fc1", "--fngd_stat_dtype", "float64", "--fngd_adamw_lr", "1e-3", "--fngd_share_coefficients", "false",
+            "--fngd_scale_mode", "refreshed", "--use_cpu",
+        ]
+    )
+    assert args.optimizer == "ngd" and args.fngd_damping == 0.1 and args.fngd_damping_mode == "fixed"
+    assert args.fngd_max_update_ratio is None and args.fngd_target_modules == ["q_proj", "fc1"]
+    assert args.fngd_dtype == torch.float64 and args.fngd_adamw_lr == 1e-3
+    assert args.fngd_share_coefficients is False and args.fngd_scale_mode == "refreshed"
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fngd_max_update_ratio", "0.05"])
+    assert args.fngd_max_update_ratio == 0.05 and args.optimizer == "fngd"
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
+    assert args.fngd_max_update_ratio == "auto" and args.fngd_target_modules is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(optimizer="lion"), "optimizer"),
+        (dict(fngd_damping=0.0), "fngd_damping"),
+        (dict(fngd_damping_mode="adaptive"), "fngd_damping_mode"),
+        (dict(fngd_damping_floor=-1.0), "fngd_damping_floor"),
+        (dict(fngd_momentum=1.0), "fngd_momentum"),
+        (dict(fngd_scale_mode="both"), "fngd_scale_mode"),
+        (dict(fngd_max_update_ratio=0.0), "fngd_max_update_ratio"),
+        (dict(fngd_max_update_ratio="big"), "fngd_max_update_ratio"),
+        (dict(fngd_target_modules=[]), "fngd_target_modules"),
+        (dict(fngd_stat_dtype="float16"), "fngd_stat_dtype"),
+        (dict(fngd_adamw_lr=0.0), "fngd_adamw_lr"),
+        (dict(fp16=True), "fp16"),
+    ],
+)
+def test_invalid_arguments_raise(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FNGDTrainingArguments(output_dir=str(tmp_path), use_cpu=True, **kwargs)
+
+
+def test_fp16_with_a_passed_fngd_is_a_clear_error(tmp_path):
+    model = tiny_bart()
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    args.fp16 = True  # set after validation: CPU arguments refuse fp16 on some versions
+    with pytest.raises(ValueError, match="fp16"):
+        FNGDTrainer(model=model, args=args, optimizers=(FNGD(model, steps_per_epoch=1), None))
+
+
+# ------------------------------------------------------------------------- optimizer construction
+def test_fngd_built_from_arguments(tmp_path):
+    args = make_args(
+        tmp_path, learning_rate=3e-3, weight_decay=0.01, fngd_damping=0.5, fngd_damping_mode="fixed",
+        fngd_momentum=0.5, fngd_adamw_lr=1e-3, fngd_stat_dtype="float64", max_grad_norm=2.0,
+        fngd_max_update_ratio="0.02", adam_beta1=0.8, gradient_accumulation_steps=2,
+    )
+    trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32))
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, FNGD) and trainer.fngd_optimizer is opt
+    fngd_group, adamw_group = opt.param_groups
+    assert fngd_group["fngd"] and fngd_group["lr"] == 3e-3 and fngd_group["damping"] == 0.5
+    assert fngd_group["damping_mode"] == "fixed" and fngd_group["momentum"] == 0.5
+    assert fngd_group["max_update_ratio"] == 0.02 and fngd_group["weight_decay"] == 0.0
+    assert not adamw_group["fngd"] and adamw_group["lr"] == 1e-3 and adamw_group["weight_decay"] == 0.01
+    assert adamw_group["betas"] == (0.8, 0.999)
+    assert opt.share_coefficients and opt.stat_dtype == torch.float64 and opt.clip_update_norm == 2.0
+    assert opt.gradient_accumulation_steps == 2
+    assert trainer.loss_is_scaled_for_ga is False  # each micro-batch mean is divided by GA (see FNGDTrainer)
+    names = set(opt.managed_modules)
+    assert "model.encoder.layers.0.self_attn.q_proj" in names and "model.decoder.layers.0.fc2" in names
+    assert "lm_head" not in names
+
+
+def test_ngd_sgd_and_adamw_choices(tmp_path):
+    ngd = FNGDTrainer(model=tiny_bart(), args=make_args(tmp_path, optimizer="ngd", max_grad_norm=0.0))
+    opt = ngd.create_optimizer()
+    assert isinstance(opt, FNGD) and not opt.share_coefficients and opt.clip_update_norm is None
+    sgd = FNGDTrainer(model=tiny_bart(), args=make_args(tmp_path, optimizer="sgd", weight_decay=0.1))
+    opt = sgd.create_optimizer()
+    assert type(opt) is torch.optim.SGD and all(g["momentum"] == 0.9 for g in opt.param_groups)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.1, 0.0}
+    adamw = FNGDTrainer(model=tiny_bart(), args=make_args(tmp_path, optimizer="adamw", optim="adamw_torch"))
+    assert type(adamw.create_optimizer()) is torch.optim.AdamW and adamw.fngd_optimizer is None
+
+
+def test_steps_per_epoch_counts_the_short_last_window(tmp_path):
+    """18 samples, batch 4: 5 batches; GA 2: the Trainer makes 3 steps per epoch, the last with 1 micro-batch."""
+    args = make_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=2)
+    trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(18))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no accumulation-count or bank-restart warning
+        trainer.train()
+    opt = trainer.fngd_optimizer
+    assert opt.steps_per_epoch == 3 and opt.global_step == trainer.state.global_step == 6
+    sizes = opt.state[trainer.model.model.encoder.layers[0].fc1.weight]["coef_size"]
+    assert sizes.tolist() == [[4, 4], [4, 4], [2, 0]]  # the remainder step: one micro-batch of 2 samples
+    fresh = [r["fngd/fresh_fraction"] for r in trainer.state.log_history if "fngd/fresh_fraction" in r]
+    assert fresh[:3] == [1.0, 1.0, 1.0] and fresh[-1] == 0.0  # the remainder step reuses its own beta
+
+
+def test_every_accumulated_micro_batch_is_shared_in_the_second_epoch(tmp_path):
+    args = make_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=2)
+    trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(16))
+    trainer.train()
+    fresh = [r["fngd/fresh_fraction"] for r in trainer.state.log_history if "fngd/fresh_fraction" in r]
+    assert fresh == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_diagnostics_are_logged(tmp_path):
+    args = make_args(tmp_path, max_steps=4, logging_steps=2)
+    trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32))
+    trainer.train()
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(records) == 2
+    for record in records:
+        for key in ("fngd/damping", "fngd/gram_norm", "fngd/fresh_fraction", "fngd/skipped_steps",
+                    "fngd/direction_norm", "grad_norm"):
+            assert math.isfinite(record[key]), key
+        assert record["fngd/damping"] > 0 and record["fngd/skipped_steps"] == 0
+
+
+# ----------------------------------------------------------------------- gradient accumulation
+def accumulation_run(tmp_path, batch, accumulation, steps, dataset, **kwargs):
+    args = make_args(
+        tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=steps,
+        train_sampling_strategy="sequential", lr_scheduler_type="constant", max_grad_norm=0.0,
+        fngd_max_update_ratio="none", fngd_stat_dtype="float64", **kwargs,
+    )
+    trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=dataset)
+    trainer.train()
+    return params_of(trainer.model)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(fngd_damping_mode="fixed", fngd_damping=1e-3, learning_rate=1e-2),
+        dict(fngd_damping_mode="relative", fngd_damping=1.0, learning_rate=1e-8, fngd_adamw_lr=1e-3, fngd_momentum=0.0),
+    ],
+)
+def test_accumulation_of_duplicated_micro_batches_equals_one_batch(tmp_path, settings):
+    """GA=2 x batch 4 of the same 4 samples == GA=1 x batch 8 holding them twice (one epoch: 4 steps).
+
+    Exact in the maths: duplicating samples gives K = [[K0, K0], [K0, K0]], whose beta is (beta0/2, beta0/2),
+    so d = J0 beta0, the natural gradient of either micro-batch. It only holds if every micro-batch loss is
+    (its mean) / 2, which is what FNGDTrainer enforces; relative damping checks the scale (a wrong loss scale
+    multiplies d by a constant), fixed damping the direction.
+    """
+    dataset = CopyTask(16, repeat=2)  # rows: s0..s3, s0..s3, s4..s7, s4..s7, ...
+    one = accumulation_run(tmp_path / "one", 8, 1, 4, dataset, **settings)
+    two = accumulation_run(tmp_path / "two", 4, 2, 4, dataset, **settings)
+    start = params_of(tiny_bart())
+    assert relative_difference(one, start) > 1e-3  # they moved
+    assert relative_difference(moved(two, start), moved(one, start)) < 1e-4
+
+
+def test_accumulation_matches_one_batch_only_under_large_damping(tmp_path):
+    """Without duplicates GA averages two 4-sample natural gradients, GA=1 takes one 8-sample natural gradient:
+    (1/2)(Σ_m (F_m + λI)⁻¹ ḡ_m) vs (F + λI)⁻¹ ḡ. They agree to O(‖K‖/λB) when the damping dominates
+    (both are ḡ/λ), and differ otherwise."""
+    dataset = CopyTask(16)
+    fngd_layers = lambda p: {n: v for n, v in p.items() if "proj" in n or "fc" in n}  # noqa: E731
+    start = fngd_layers(params_of(tiny_bart()))
+    deltas = {}
+    for damping, lr in ((1e3, 1e2), (1e-4, 1e-4)):
+        for batch, accumulation in ((8, 1), (4, 2)):
+            final = accumulation_run(
+                tmp_path / f"{damping}-{batch}", batch, accumulation, 1, dataset, fngd_damping_mode="fixed",
+                fngd_damping=damping, learning_rate=lr, fngd_momentum=0.0,
+            )
+            deltas[damping, batch] = moved(fngd_layers(final), start)
+    assert relative_difference(deltas[1e3, 4], deltas[1e3, 8]) < 1e-4
+    assert relative_difference(deltas[1e-4, 4], deltas[1e-4, 8]) > 1e-2
+
+
+# --------------------------------------------------------------------------------- clipping
+class RecordNorms(TrainerCallback):
+    """On the pre-optimizer-step event (after the Trainer clipped), record the .grad norms of both parts."""
+
+    def __init__(self):
+        self.records = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        opt = unwrap_fngd(optimizer)
+        norm = lambda ps: float(torch.stack([p.grad.norm() for p in ps if p.grad is not None]).norm())  # noqa: E731
+        fngd = [p for g in opt.param_groups if g["fngd"] for p in g["params"]]
+        plain = [p for g in opt.param_groups if not g["fngd"] for p in g["params"]]
+        self.records.append((norm(fngd), norm(plain)))
+
+
+def test_max_grad_norm_clips_the_fngd_direction_and_the_adamw_gradients(tmp_path):
+    clip, lr = 1e-3, 1e-2
+    args = make_args(tmp_path, max_steps=1, max_grad_norm=clip, learning_rate=lr, fngd_momentum=0.0,
+                     fngd_max_update_ratio="none", lr_scheduler_type="constant")
+    model = tiny_bart()
+    recorder = RecordNorms()
+    trainer = FNGDTrainer(model=model, args=args, train_dataset=CopyTask(16), callbacks=[recorder])
+    start = params_of(model)
+    trainer.train()
+    opt = trainer.fngd_optimizer
+    assert opt.clip_update_norm == clip
+    ((fngd_norm, plain_norm),) = recorder.records
+    assert plain_norm <= clip * 1.001  # the Trainer clipped the AdamW part ...
+    assert fngd_norm > 100 * clip  # ... and left the FNGD direction to the optimizer
+    record = next(r for r in trainer.state.log_history if "loss" in r)
+    assert record["fngd/direction_norm"] == pytest.approx(fngd_norm, rel=1e-5)
+    assert record["grad_norm"] > clip  # the pre-clip norm of the ordinary gradients
+    fngd_ids = {id(p) for g in opt.param_groups if g["fngd"] for p in g["params"]}
+    moved = [p.detach() - start[n] for n, p in model.named_parameters() if id(p) in fngd_ids]
+    update_norm = float(torch.stack([m.norm() for m in moved]).norm())
+    assert update_norm == pytest.approx(lr * clip, rel=1e-4)  # step = lr * clipped direction
+
+
+# ------------------------------------------------------------------------------- precision
+def test_bf16_autocast_on_cpu_trains(tmp_path):
+    args = make_args(tmp_path, bf16=True, max_steps=24, logging_steps=4, lr_scheduler_type="constant")
+    model = tiny_bart()
+    dtypes = set()
+    model.model.encoder.layers[0].fc1.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
+    trainer = FNGDTrainer(model=model, args=args, train_dataset=CopyTask(64))
+    trainer.train()
+    assert dtypes == {torch.bfloat16}  # autocast really ran the Linear layers in bf16
+    opt = trainer.fngd_optimizer
+    assert opt.stat_dtype == torch.float32 and opt.skipped_steps == 0
+    values = losses(trainer)
+    assert all(math.isfinite(v) for v in values)
+    assert values[-1] < values[0] - 0.1
+    bank = opt.state[trainer.model.model.encoder.layers[0].fc1.weight]["coef_bank"]
+    assert bank.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("checkpoint_step", [4, 6])  # epoch boundary, and mid-way through the shared epoch
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, checkpoint_step):
+    def run(output_dir, resume=None):
+        args = make_args(
+            tmp_path, output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            num_train_epochs=2, save_strategy="steps", save_steps=2, logging_steps=2,
+        )
+        trainer = FNGDTrainer(model=tiny_bart(seed=1), args=args, train_dataset=CopyTask(16))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full")
+    assert full.state.global_step == 8 and full.fngd_optimizer.steps_per_epoch == 4
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / f"checkpoint-{checkpoint_step}"))
+    opt = resumed.fngd_optimizer
+    bank = opt.state[resumed.model.model.encoder.layers[0].fc1.weight]["coef_bank"]
+    assert opt.global_step == 8 and bank.shape[0] == 4
+    a, b = params_of(full.model), params_of(resumed.model)
+    assert max(float((a[n] - b[n]).abs().max()) for n in a) < 1e-6
+
+
+# ------------------------------------------------------------------------ eval and generate
+def count_maths(monkeypatch):
+    calls = {"gram": 0, "weighted": 0}
+    gram, weighted = functional.gram_matrix, functional.weighted_gradient
+
+    def counting_gram(*args, **kwargs):
+        calls["gram"] += 1
+        return gram(*args, **kwargs)
+
+    def counting_weighted(*args, **kwargs):
+        calls["weighted"] += 1
+        return weighted(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "gram_matrix", counting_gram)
+    monkeypatch.setattr(functional, "weighted_gradient", counting_weighted)
+    return calls
+
+
+def test_evaluate_and_predict_with_generate_capture_nothing(tmp_path, monkeypatch):
+    calls = count_maths(monkeypatch)
+    args = make_args(tmp_path, max_steps=2, predict_with_generate=True, generation_max_length=8,
+                     per_device_eval_batch_size=4)
+    trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(16), eval_dataset=CopyTask(8, seed=1))
+    trainer.train()
+    assert calls["gram"] > 0 and calls["weighted"] > 0
+    trainer.fngd_optimizer.diagnostics()  # reset
+    calls.update(gram=0, weighted=0)
+    metrics = trainer.evaluate()
+    prediction = trainer.predict(CopyTask(8, seed=2))
+    assert calls == {"gram": 0, "weighted": 0}
+    assert math.isfinite(metrics["eval_loss"]) and prediction.predictions.shape[0] == 8
+    assert math.isnan(trainer.fngd_optimizer.diagnostics()["fngd/fresh_fraction"])  # nothing computed
+    trainer.train()  # capture comes back on for training (shared phase now: no Gram, only the weighted sum)
+    assert calls["weighted"] > 0
+
+
+# ------------------------------------------------------------- a plain Seq2SeqTrainer with FNGD
+@pytest.mark.parametrize("model_fn", [tiny_bart, tiny_t5], ids=["bart", "t5"])
+def test_plain_seq2seq_trainer_with_fngd(tmp_path, model_fn):
+    model = model_fn()
+    batches_per_epoch = 8
+    optimizer = FNGD(model, lr=1e-2, steps_per_epoch=batches_per_epoch)
+    if model_fn is tiny_t5:
+        assert all(m.bias is None for m in optimizer.managed_modules.values())
+        assert "lm_head" not in optimizer.managed_modules
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=32, logging_steps=4, report_to=[],
+        use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0, max_grad_norm=0.0,
+    )
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=CopyTask(64), optimizers=(optimizer, None))
+    trainer.train()
+    values = losses(trainer)
+    assert all(math.isfinite(v) for v in values)
+    assert values[-1] < values[0] - 0.1
+    assert optimizer.global_step == 32 and optimizer.skipped_steps == 0
