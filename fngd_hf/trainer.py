@@ -18,8 +18,10 @@ checkpoints. With ``optimizer="adamw"`` or ``"sgd"`` it behaves like the stock `
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -27,7 +29,10 @@ import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.trainer_utils import has_length
 
+from .evaluation import shuffled_source_check
 from .optimizer import FNGD
+
+logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("fngd", "ngd", "adamw", "sgd")
 STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -114,7 +119,20 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         default=None, metadata={"help": "Learning rate of the AdamW part (default: learning_rate)."}
     )
 
+    source_check: bool = field(
+        default=True,
+        metadata={
+            "help": "At every evaluation also compute the validation loss with sources shuffled across each batch "
+            "and log the gap; a gap below source_gap_min flags a model that ignores its input."
+        },
+    )
+    source_gap_min: float = field(
+        default=0.05, metadata={"help": "Shuffled-source loss gap (nats/token) below which a model counts as collapsed."}
+    )
+
     def __post_init__(self):
+        if self.source_gap_min < 0:
+            raise ValueError(f"source_gap_min must be >= 0, got {self.source_gap_min}")
         self._validate_fngd()
         super().__post_init__()
 
@@ -184,7 +202,9 @@ def _parse_ratio(value):
     return ratio
 
 
-_ARG_DEFAULTS = {f.name: f.default for f in fields(FNGDTrainingArguments) if f.name.startswith(("fngd_", "optimizer"))}
+_ARG_DEFAULTS = {
+    f.name: f.default for f in fields(FNGDTrainingArguments) if f.name.startswith(("fngd_", "optimizer", "source_"))
+}
 
 
 class FNGDTrainer(Seq2SeqTrainer):
@@ -234,6 +254,8 @@ class FNGDTrainer(Seq2SeqTrainer):
     """
 
     def __init__(self, *args, **kwargs):
+        self._clock_start: float | None = None  # wall clock of train(), evaluation excluded
+        self._eval_seconds = 0.0
         self._loss_scaled_override: bool | None = None
         self._fngd_steps_per_epoch: int | None = None
         self._fngd_direction_norm: torch.Tensor | None = None
@@ -382,7 +404,42 @@ class FNGDTrainer(Seq2SeqTrainer):
             )
 
     # ------------------------------------------------------------------------------ logging
+    def train(self, *args, **kwargs):
+        self._clock_start, self._eval_seconds = time.perf_counter(), 0.0
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
+        """The usual evaluation, plus the shuffled-source check when ``source_check`` is on."""
+        start = time.perf_counter()
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **gen_kwargs)
+        check = None
+        if self._arg("source_check"):
+            try:
+                check = shuffled_source_check(
+                    self.model, self.get_eval_dataloader(eval_dataset), min_gap=self._arg("source_gap_min"),
+                    seed=self.args.seed,
+                )
+            except (ValueError, KeyError, TypeError) as error:  # e.g. no batch of 2+, or not a seq2seq batch
+                warnings.warn(f"shuffled-source check skipped: {error}", RuntimeWarning, stacklevel=2)
+        if check is not None:
+            extra = {
+                f"{metric_key_prefix}_shuffled_source_loss": check["shuffled_source_loss"],
+                f"{metric_key_prefix}_source_gap": check["source_gap"],
+                f"{metric_key_prefix}_source_collapsed": float(check["source_collapsed"]),
+            }
+            if check["source_collapsed"]:
+                logger.warning(
+                    "shuffled-source loss gap %.4f < %.4f: the model ignores its source (a target-side language model)",
+                    check["source_gap"], self._arg("source_gap_min"),
+                )
+            self.log(extra)
+            metrics.update(extra)
+        self._eval_seconds += time.perf_counter() - start
+        return metrics
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._clock_start is not None:
+            logs["train_seconds"] = round(time.perf_counter() - self._clock_start - self._eval_seconds, 3)
         opt = self.fngd_optimizer
         if opt is not None and "loss" in logs:
             for key, value in opt.diagnostics().items():

@@ -38,35 +38,9 @@ from fngd_hf.evaluation import (
 from fngd_hf.model_card import write_model_card
 from fngd_hf.models import build_model, resolve_shape
 from fngd_hf.tokenization import load_tokenizer, train_tokenizer
+from fngd_hf.trainer import FNGDTrainer as RecipeTrainer, FNGDTrainingArguments as RecipeTrainingArguments
 
 logger = logging.getLogger("multi30k")
-
-# The trainer plugin provides FNGDTrainer / FNGDTrainingArguments; until it is importable the recipe
-# runs the baselines on the stock Seq2SeqTrainer. Once it exists nothing here needs to change.
-try:
-    from fngd_hf.trainer import FNGDTrainer as RecipeTrainer, FNGDTrainingArguments as RecipeTrainingArguments
-except ModuleNotFoundError as missing:
-    if missing.name != "fngd_hf.trainer":  # a broken trainer module must fail loudly, not fall back
-        raise
-    from transformers import Seq2SeqTrainer as RecipeTrainer
-
-    BASELINE_OPTIM = {"adamw": "adamw_torch", "sgd": "sgd"}
-
-    @dataclass
-    class RecipeTrainingArguments(transformers.Seq2SeqTrainingArguments):
-        """Stand-in until fngd_hf.trainer exists: only the baselines can run."""
-
-        optimizer: str = field(default="fngd", metadata={"help": "fngd | ngd | adamw | sgd"})
-
-        def __post_init__(self):
-            if self.optimizer not in BASELINE_OPTIM:
-                raise ValueError(
-                    f"--optimizer {self.optimizer} needs fngd_hf.trainer (not importable); "
-                    f"choose from {sorted(BASELINE_OPTIM)}"
-                )
-            self.optim = BASELINE_OPTIM[self.optimizer]
-            super().__post_init__()
-
 
 @dataclass
 class DataArguments:

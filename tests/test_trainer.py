@@ -397,3 +397,32 @@ def test_plain_seq2seq_trainer_with_fngd(tmp_path, model_fn):
     assert all(math.isfinite(v) for v in values)
     assert values[-1] < values[0] - 0.1
     assert optimizer.global_step == 32 and optimizer.skipped_steps == 0
+
+
+def test_source_check_and_training_clock_are_logged(tmp_path):
+    args = make_args(tmp_path, num_train_epochs=2, eval_strategy="epoch", source_check=True, per_device_eval_batch_size=8)
+    trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(16), eval_dataset=CopyTask(8, seed=1))
+    trainer.train()
+    checks = [r for r in trainer.state.log_history if "eval_source_gap" in r]
+    assert len(checks) == 2  # once per epoch
+    for record in checks:
+        assert record["eval_shuffled_source_loss"] == pytest.approx(record["eval_source_gap"] + next(
+            r["eval_loss"] for r in trainer.state.log_history if r.get("epoch") == record["epoch"] and "eval_loss" in r
+        ), rel=1e-4)
+        assert record["eval_source_collapsed"] == float(record["eval_source_gap"] < 0.05)
+    clock = [r["train_seconds"] for r in trainer.state.log_history if "loss" in r]
+    assert clock == sorted(clock) and clock[0] >= 0.0
+
+
+def test_source_check_flags_a_model_that_ignores_its_source(tmp_path):
+    model = tiny_bart()
+    with torch.no_grad():  # a decoder that never attends to the encoder output ignores its source
+        for layer in model.model.decoder.layers:
+            layer.encoder_attn.v_proj.weight.zero_()
+            layer.encoder_attn.v_proj.bias.zero_()
+            layer.encoder_attn.out_proj.bias.zero_()
+    args = make_args(tmp_path, source_check=True, per_device_eval_batch_size=8)
+    trainer = FNGDTrainer(model=model, args=args, eval_dataset=CopyTask(8, seed=1))
+    metrics = trainer.evaluate()
+    assert metrics["eval_source_gap"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["eval_source_collapsed"] == 1.0
