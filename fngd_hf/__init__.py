@@ -2,8 +2,9 @@
 
 from .layers import select_modules
 from .cwngd import CWNGD
+from .kfac import KFAC
 from .optimizer import FNGD
 from .trainer import FNGDTrainer, FNGDTrainingArguments
 
-__all__ = ["CWNGD", "FNGD", "FNGDTrainer", "FNGDTrainingArguments", "select_modules"]
+__all__ = ["CWNGD", "FNGD", "KFAC", "FNGDTrainer", "FNGDTrainingArguments", "select_modules"]
 __version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""Shampoo baseline: a maintained library's Shampoo on FNGD's layers, AdamW on the rest.
+
+Shampoo is not implemented here: it comes from ``pytorch-optimizer``
+(``pytorch_optimizer.Shampoo``, Gupta et al., 2018), an optional extra::
+
+    pip install "fngd-hf[shampoo]"
+
+:func:`build_shampoo` splits a model exactly as :class:`~fngd_hf.FNGD` does
+(:func:`fngd_hf.layers.select_modules`: every ``nn.Linear``/``Conv1D`` except vocabulary heads,
+or ``target_modules``): the weights and biases of those layers go to the library's ``Shampoo``,
+every other trainable parameter to ``torch.optim.AdamW``. The two are held by
+:class:`ShampooAdamW`, a real ``torch.optim.Optimizer`` whose ``param_groups`` are the very group
+dicts the two inner optimizers read, so LR schedulers (and the Hugging Face Trainer) act on both;
+``state_dict()`` is the ordinary ``torch.optim`` format (loadable with ``weights_only=True``).
+
+The library's ``Shampoo`` (not ``ScalableShampoo``, whose state holds Python objects that
+``torch.load(weights_only=True)`` refuses) keeps, per parameter and dimension, the sum of
+``G Gᵀ`` (AdaGrad style, initialised at ``matrix_eps·I``) and its inverse ``2k``-th root,
+refreshed every ``preconditioning_compute_steps`` steps by an SVD.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .layers import layer_parameters, select_modules
+
+SHAMPOO_REQUIREMENT = "pytorch-optimizer>=4.1,<5"
+
+
+def _shampoo_class():
+    try:
+        from pytorch_optimizer import Shampoo
+    except ImportError as error:
+        raise ImportError(
+            "build_shampoo needs the optional Shampoo dependency (pytorch-optimizer): "
+            f"pip install fngd-hf[shampoo]   (or: pip install '{SHAMPOO_REQUIREMENT}')"
+        ) from error
+    return Shampoo
+
+
+class ShampooAdamW(torch.optim.Optimizer):
+    """Steps two optimizers as one: Shampoo for the managed layers, AdamW for the rest.
+
+    ``param_groups`` lists the inner optimizers' own group dicts (Shampoo's first), so a change
+    of ``lr`` by a scheduler takes effect in the inner optimizer that owns the group; the inner
+    optimizers share one ``state`` dict with this wrapper (their parameters are disjoint).
+    Groups carry ``"shampoo": True`` or ``False``. ``add_param_group`` is not supported.
+    """
+
+    def __init__(self, shampoo: torch.optim.Optimizer | None, adamw: torch.optim.Optimizer | None):
+        self.optimizers = [o for o in (shampoo, adamw) if o is not None]
+        if not self.optimizers:
+            raise ValueError("ShampooAdamW needs at least one inner optimizer")
+        self.shampoo, self.adamw = shampoo, adamw
+        self._ready = False
+        groups = [g for o in self.optimizers for g in o.param_groups]
+        super().__init__(groups, {})  # add_param_group keeps the very dicts it is given
+        self._ready = True
+        self._link()
+
+    def _link(self) -> None:
+        state: defaultdict = defaultdict(dict)
+        for optimizer in self.optimizers:
+            state.update(optimizer.state)
+            optimizer.state = state
+        self.state = state
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self._ready:
+            raise NotImplementedError(
+                "ShampooAdamW cannot add parameter groups: build a new one with build_shampoo()"
+            )
+        super().add_param_group(param_group)
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Hand each inner optimizer its own groups and state, then relink the shared views."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        start = 0
+        for optimizer in self.optimizers:
+            groups = saved_groups[start : start + len(optimizer.param_groups)]
+            start += len(optimizer.param_groups)
+            ids = {i for g in groups for i in g["params"]}
+            state = {i: v for i, v in state_dict["state"].items() if i in ids}
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self._link()
+
+
+def build_shampoo(
+    model: nn.Module,
+    lr: float = 1e-3,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    target_modules: Iterable[str] | None = None,
+    adamw_lr: float | None = None,
+    adamw_betas: tuple[float, float] = (0.9, 0.999),
+    adamw_eps: float = 1e-8,
+    adamw_weight_decay: float = 0.0,
+    *,
+    preconditioning_compute_steps: int = 1,
+    matrix_eps: float = 1e-6,
+    weight_decouple: bool = True,
+    **shampoo_kwargs,
+) -> ShampooAdamW:
+    """``pytorch_optimizer.Shampoo`` on the layers FNGD would manage, ``torch.optim.AdamW`` elsewhere.
+
+    ``lr``, ``momentum``, ``weight_decay`` (decoupled unless ``weight_decouple=False``),
+    ``preconditioning_compute_steps``, ``matrix_eps`` and any other keyword go to Shampoo;
+    ``adamw_*`` to AdamW (``adamw_lr`` defaults to ``lr``). Raises ``ImportError`` with the
+    install command when pytorch-optimizer is missing.
+    """
+    shampoo_class = _shampoo_class()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"build_shampoo takes the model (an nn.Module), got {type(model).__name__}")
+    modules = select_modules(model, target_modules)
+    managed = [p for m in modules.values() for p in layer_parameters(m)]
+    managed_ids = {id(p) for p in managed}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in managed_ids]
+    if not managed and not others:
+        raise ValueError("The model has no trainable parameters")
+    shampoo = None
+    if managed:
+        shampoo = shampoo_class(
+            [{"params": managed, "shampoo": True}],
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            weight_decouple=weight_decouple,
+            preconditioning_compute_steps=preconditioning_compute_steps,
+            matrix_eps=matrix_eps,
+            **shampoo_kwargs,
+        )
+    adamw = None
+    if others:
+        adamw = torch.optim.AdamW(
+            [{"params": others, "shampoo": False}],
+            lr=lr if adamw_lr is None else adamw_lr,
+            betas=tuple(adamw_betas),
+            eps=adamw_eps,
+            weight_decay=adamw_weight_decay,
+        )
+    optimizer = ShampooAdamW(shampoo, adamw)
+    optimizer.managed_modules = dict(modules)
+    return optimizer
