@@ -18,6 +18,7 @@ checkpoints. With ``optimizer="adamw"`` or ``"sgd"`` it behaves like the stock `
 
 from __future__ import annotations
 
+import ast
 import logging
 import math
 import os
@@ -30,22 +31,41 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.trainer_utils import has_length
 
 from .evaluation import shuffled_source_check
+from .base import LayerwiseOptimizer
+from .cwngd import CWNGD
+from .kfac import KFAC
 from .optimizer import FNGD
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("fngd", "ngd", "adamw", "sgd")
+OPTIMIZERS = ("fngd", "ngd", "cwngd", "kfac", "sngd", "shampoo", "adamw", "sgd")
+# Methods built on LayerwiseOptimizer: the trainer scales their loss and clips their update.
+LAYERWISE = ("fngd", "ngd", "cwngd", "kfac", "sngd")
 STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SGD_MOMENTUM = 0.9
 _BANK_KEYS = ("coef_bank", "coef_size", "coef_trace")
 _RANK_BANK_FILE = "fngd_coefficients_rank{rank}.pt"
 
 
-def unwrap_fngd(optimizer) -> FNGD | None:
+def parse_optim_args(text: str | None) -> dict:
+    """``'damping=1e-3,inverse_method=eigen'`` -> ``{'damping': 0.001, 'inverse_method': 'eigen'}``."""
+    kwargs = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"optim_args items must be key=value, got {item!r}")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+def unwrap_fngd(optimizer) -> LayerwiseOptimizer | None:
     """The :class:`FNGD` inside ``optimizer`` (accelerate wraps it; ``.optimizer`` reaches in), else ``None``."""
     seen = 0
     while optimizer is not None and seen < 8:
-        if isinstance(optimizer, FNGD):
+        if isinstance(optimizer, LayerwiseOptimizer):
             return optimizer
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1
@@ -65,7 +85,11 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         default="fngd",
         metadata={
             "help": "fngd: FNGD with coefficient sharing; ngd: the same with coefficients recomputed every step; "
-            "adamw: the Trainer's own optimizer (`optim`); sgd: torch.optim.SGD with momentum 0.9.",
+            "cwngd: component-wise NGD (FNGD's settings); kfac: K-FAC; sngd: structured NGD; shampoo: Shampoo from "
+            "pytorch-optimizer (extra `shampoo`); adamw: the Trainer's own optimizer (`optim`); sgd: torch.optim.SGD "
+            "with momentum 0.9. kfac/sngd/shampoo take their own settings from `optim_args` "
+            "(e.g. 'damping=1e-3,inverse_update_freq=10'); the FNGD layers' momentum, weight decay and targets "
+            "come from the fngd_* fields.",
             "choices": list(OPTIMIZERS),
         },
     )
@@ -271,11 +295,11 @@ class FNGDTrainer(Seq2SeqTrainer):
         return getattr(self.args, name, _ARG_DEFAULTS[name])
 
     def _fngd_requested(self) -> bool:
-        return self._arg("optimizer") in ("fngd", "ngd")
+        return self._arg("optimizer") in LAYERWISE
 
     @property
-    def fngd_optimizer(self) -> FNGD | None:
-        """The FNGD instance in use (unwrapped from accelerate), or ``None``."""
+    def fngd_optimizer(self) -> LayerwiseOptimizer | None:
+        """The FNGD (or other layer-wise method) in use, unwrapped from accelerate, or ``None``."""
         return unwrap_fngd(getattr(self, "optimizer", None))
 
     @property
@@ -295,8 +319,10 @@ class FNGDTrainer(Seq2SeqTrainer):
         if self.optimizer is None:
             name = self._arg("optimizer")
             opt_model = self.model if model is None else model
-            if name in ("fngd", "ngd"):
-                self.optimizer = self._build_fngd(opt_model, share=name == "fngd")
+            if name in ("fngd", "ngd", "cwngd"):
+                self.optimizer = self._build_fngd(opt_model, share=name != "ngd", cls=CWNGD if name == "cwngd" else FNGD)
+            elif name in ("kfac", "sngd", "shampoo"):
+                self.optimizer = self._build_peer(opt_model, name)
             elif name == "sgd":
                 self.optimizer = self._build_sgd(opt_model)
             else:
@@ -304,10 +330,38 @@ class FNGDTrainer(Seq2SeqTrainer):
         self._configure_fngd()
         return self.optimizer
 
-    def _build_fngd(self, model, share: bool) -> FNGD:
+    def _build_peer(self, model, name: str):
+        """K-FAC, SNGD or Shampoo: lr, momentum, targets and the AdamW part as for FNGD, the rest from optim_args."""
+        args = self.args
+        common = dict(
+            lr=args.learning_rate,
+            momentum=self._arg("fngd_momentum"),
+            weight_decay=self._arg("fngd_weight_decay"),
+            target_modules=self._arg("fngd_target_modules"),
+            adamw_lr=self._arg("fngd_adamw_lr"),
+            adamw_betas=(args.adam_beta1, args.adam_beta2),
+            adamw_eps=args.adam_epsilon,
+            adamw_weight_decay=args.weight_decay,
+        )
+        extra = parse_optim_args(args.optim_args)
+        if name == "shampoo":
+            from .shampoo import build_shampoo  # optional dependency: a clear ImportError if missing
+
+            return build_shampoo(model, **common, **extra)
+        common.update(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            clip_update_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
+        )
+        if name == "kfac":
+            return KFAC(model, **common, **extra)
+        from .sngd import SNGD
+
+        return SNGD(model, **common, **extra)
+
+    def _build_fngd(self, model, share: bool, cls: type[FNGD] = FNGD) -> FNGD:
         args = self.args
         ratio = _parse_ratio(self._arg("fngd_max_update_ratio"))
-        return FNGD(
+        return cls(
             model,
             lr=args.learning_rate,
             damping=self._arg("fngd_damping"),
@@ -349,7 +403,7 @@ class FNGDTrainer(Seq2SeqTrainer):
         if opt is None:
             return
         period = self._fngd_steps_per_epoch
-        if period is not None and opt.steps_per_epoch != period:
+        if period is not None and isinstance(opt, FNGD) and opt.steps_per_epoch != period:
             if opt.steps_per_epoch is not None:
                 warnings.warn(
                     f"FNGD steps_per_epoch={opt.steps_per_epoch} differs from the Trainer's {period} optimizer "
@@ -442,7 +496,8 @@ class FNGDTrainer(Seq2SeqTrainer):
             logs["train_seconds"] = round(time.perf_counter() - self._clock_start - self._eval_seconds, 3)
         opt = self.fngd_optimizer
         if opt is not None and "loss" in logs:
-            for key, value in opt.diagnostics().items():
+            diagnostics = getattr(opt, "diagnostics", dict)
+            for key, value in diagnostics().items():
                 if not math.isnan(value):
                     logs[key] = value
             if self._fngd_direction_norm is not None:

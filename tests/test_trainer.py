@@ -426,3 +426,30 @@ def test_source_check_flags_a_model_that_ignores_its_source(tmp_path):
     metrics = trainer.evaluate()
     assert metrics["eval_source_gap"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["eval_source_collapsed"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "name, optim_args, expected",
+    [("cwngd", None, "CWNGD"), ("kfac", "damping=0.1,inverse_update_freq=2", "KFAC"), ("sngd", "rank=8", "SNGD"),
+     ("shampoo", None, "ShampooAdamW")],
+)
+def test_trainer_builds_every_peer_method(tmp_path, name, optim_args, expected):
+    if name == "shampoo":
+        pytest.importorskip("pytorch_optimizer")
+    args = make_args(tmp_path, optimizer=name, optim_args=optim_args, num_train_epochs=3,
+                     learning_rate=1e-2 if name == "shampoo" else 0.05)
+    trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32))
+    trainer.train()
+    assert type(trainer.optimizer.optimizer).__name__ == expected
+    history = losses(trainer)
+    assert history[-1] < history[0] - 0.2
+
+
+def test_optim_args_parsing():
+    from fngd_hf.trainer import parse_optim_args
+
+    assert parse_optim_args("damping=1e-3, inverse_method=eigen,rank=8") == {
+        "damping": 1e-3, "inverse_method": "eigen", "rank": 8}
+    assert parse_optim_args(None) == {}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_optim_args("damping")

@@ -1,0 +1,165 @@
+"""Convergence benchmark: the Multi30K recipe with each optimizer, same model, data order and budget.
+
+    python benchmarks/convergence.py --data-dir ../shared/data/multi30k --setting cpu --out docs/convergence_cpu
+    python benchmarks/convergence.py --data-dir ../shared/data/multi30k --setting gpu --out docs/convergence_gpu
+
+Every method runs ``recipes/multi30k.py`` in its own process with the same seed, data, model
+and epochs; only ``--optimizer`` and its learning rate (and the method's own flags) differ.
+Per epoch it records validation loss, validation loss with shuffled sources (the collapse
+check), validation BLEU and the training wall clock (evaluation excluded); at the end, BLEU and
+chrF on every test set. Writes ``curves.json`` and ``curves.png`` (loss and BLEU against epoch
+and against seconds) into ``--out``, and prints a table. ``--methods adamw:1e-3,adamw:3e-3,fngd:1e-2``
+picks methods and learning rates (a small sweep is one method listed with several rates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Recipe flags of each setting; both use the same data pipeline and evaluation.
+SETTINGS = {
+    # Finishes on 2 CPU cores in bounded time: a narrow model on a third of Multi30K.
+    "cpu": ["--preset", "small", "--d_model", "128", "--ffn_dim", "512", "--attention_heads", "4",
+            "--encoder_layers", "2", "--decoder_layers", "2", "--max_train_samples", "10000",
+            "--max_eval_samples", "500", "--max_predict_samples", "500", "--num_train_epochs", "4",
+            "--vocab_size", "6000", "--beam_size", "1", "--per_device_eval_batch_size", "128"],
+    # The paper's Transformer (d_model 512, FFN 2048, 8 heads, 6+6 layers) on full Multi30K.
+    "gpu": ["--preset", "paper", "--num_train_epochs", "10", "--bf16", "--per_device_eval_batch_size", "256"],
+}
+
+# Method name -> recipe flags besides --optimizer and --learning_rate.
+METHOD_FLAGS = {
+    "adamw": ["--warmup_ratio", "0.05", "--lr_scheduler_type", "linear"],
+    "sgd": [],
+    "fngd": ["--max_grad_norm", "0"],
+    "ngd": ["--max_grad_norm", "0"],
+    "cwngd": ["--max_grad_norm", "0"],
+    "kfac": ["--max_grad_norm", "0"],
+    "sngd": ["--max_grad_norm", "0"],
+    "shampoo": [],
+}
+
+
+def parse_methods(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in text.split(","):
+        name, _, lr = item.partition(":")
+        if name not in METHOD_FLAGS:
+            raise ValueError(f"unknown method {name!r}; choose from {sorted(METHOD_FLAGS)}")
+        if not lr:
+            raise ValueError(f"give a learning rate as {name}:LR")
+        pairs.append((name, lr))
+    return pairs
+
+
+def run_method(name: str, lr: str, args, out: Path) -> dict:
+    run_dir = out / "runs" / f"{name}-lr{lr}"
+    command = [
+        sys.executable, str(REPO / "recipes" / "multi30k.py"),
+        "--output_dir", str(run_dir),
+        "--optimizer", name, "--learning_rate", lr,
+        "--per_device_train_batch_size", str(args.batch_size), "--seed", str(args.seed),
+        "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "50",
+        "--report_to", "none", "--source_check", "True", "--disable_tqdm", "True",
+        *(["--data_dir", str(args.data_dir)] if args.data_dir else []),
+        *SETTINGS[args.setting], *METHOD_FLAGS[name], *args.extra,
+    ]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(run_dir / "log.txt", "w") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    record = {"method": name, "lr": float(lr), "command": " ".join(command[1:]), "returncode": code,
+              "process_seconds": time.perf_counter() - start}
+    state_file, results_file = run_dir / "trainer_state.json", run_dir / "results.json"
+    if code != 0 or not state_file.exists():
+        record["error"] = (run_dir / "log.txt").read_text()[-2000:]
+        return record
+    history = json.loads(state_file.read_text())["log_history"]
+    evals = [r for r in history if "eval_loss" in r]
+    checks = {r["epoch"]: r for r in history if "eval_source_gap" in r}
+    record["epochs"] = [
+        {
+            "epoch": r["epoch"], "train_seconds": r.get("train_seconds"), "val_loss": r["eval_loss"],
+            "val_bleu": r.get("eval_bleu"), "val_shuffled_source_loss": checks.get(r["epoch"], {}).get("eval_shuffled_source_loss"),
+            "source_gap": checks.get(r["epoch"], {}).get("eval_source_gap"),
+        }
+        for r in evals
+    ]
+    record["skipped_steps"] = max((r.get("fngd/skipped_steps", 0) for r in history), default=0)
+    if results_file.exists():
+        results = json.loads(results_file.read_text())
+        record["test"] = {split: {"bleu": v["bleu"], "chrf": v["chrf"]} for split, v in results.get("test", {}).items()}
+        record["source_collapsed"] = results.get("validation", {}).get("eval_source_collapsed")
+    return record
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for record in records:
+        if "epochs" not in record:
+            continue
+        label = f"{record['method']} lr={record['lr']:g}"
+        epochs = [e["epoch"] for e in record["epochs"]]
+        seconds = [e["train_seconds"] for e in record["epochs"]]
+        axes[0, 0].plot(epochs, [e["val_loss"] for e in record["epochs"]], marker="o", label=label)
+        axes[0, 1].plot(seconds, [e["val_loss"] for e in record["epochs"]], marker="o", label=label)
+        axes[1, 0].plot(epochs, [e["val_bleu"] for e in record["epochs"]], marker="o", label=label)
+        axes[1, 1].plot(seconds, [e["val_bleu"] for e in record["epochs"]], marker="o", label=label)
+    for ax, (ylabel, xlabel) in zip(axes.flat, [("val loss", "epoch"), ("val loss", "training seconds"),
+                                                 ("val BLEU", "epoch"), ("val BLEU", "training seconds")]):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=None, help="raw Multi30K files (default: the Hub dataset)")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
+    parser.add_argument("--methods", default="adamw:1e-3,adamw:3e-3,fngd:1e-2,ngd:1e-2,kfac:1e-2,sgd:1e-1")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "convergence")
+    parser.add_argument("extra", nargs="*", help="more recipe flags for every run (after --)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for name, lr in parse_methods(args.methods):
+        record = run_method(name, lr, args, args.out)
+        records.append(record)
+        last = record.get("epochs", [{}])[-1]
+        print(f"{name:<8} lr={lr:<7} val loss {last.get('val_loss', float('nan')):.3f}  val BLEU "
+              f"{last.get('val_bleu') or float('nan'):.2f}  source gap {last.get('source_gap') or float('nan'):.3f}  "
+              f"test {json.dumps(record.get('test', {}))}  {record.get('error', '')[-300:]}", flush=True)
+        summary = {"setting": args.setting, "machine": machine(), "recipe_flags": SETTINGS[args.setting], "runs": records}
+        (args.out / "curves.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(records, args.out / "curves.png", f"Multi30K en-de, setting '{args.setting}': {machine()}")
+
+
+if __name__ == "__main__":
+    main()
