@@ -4,7 +4,8 @@ from .layers import select_modules
 from .cwngd import CWNGD
 from .kfac import KFAC
 from .optimizer import FNGD
+from .sngd import SNGD
 from .trainer import FNGDTrainer, FNGDTrainingArguments
 
-__all__ = ["CWNGD", "FNGD", "KFAC", "FNGDTrainer", "FNGDTrainingArguments", "select_modules"]
+__all__ = ["CWNGD", "FNGD", "KFAC", "SNGD", "FNGDTrainer", "FNGDTrainingArguments", "select_modules"]
 __version__ = "0.1.0"

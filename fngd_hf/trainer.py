@@ -43,7 +43,6 @@ OPTIMIZERS = ("fngd", "ngd", "cwngd", "kfac", "sngd", "shampoo", "adamw", "sgd")
 LAYERWISE = ("fngd", "ngd", "cwngd", "kfac", "sngd")
 STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SGD_MOMENTUM = 0.9
-_BANK_KEYS = ("coef_bank", "coef_size", "coef_trace")
 _RANK_BANK_FILE = "fngd_coefficients_rank{rank}.pt"
 
 
@@ -524,12 +523,13 @@ class FNGDTrainer(Seq2SeqTrainer):
 
 
 def _local_banks(opt: FNGD) -> dict[int, dict[str, torch.Tensor]]:
-    """This rank's coefficient bank, keyed by the parameter's index in ``param_groups`` order."""
+    """This rank's own statistics (FNGD's coefficient bank, SNGD's factors), keyed by parameter index."""
+    keys = opt._float32_state_keys
     params = [p for group in opt.param_groups for p in group["params"]]
     return {
-        index: {key: opt.state[p][key] for key in _BANK_KEYS if key in opt.state.get(p, {})}
+        index: {key: opt.state[p][key] for key in keys if key in opt.state.get(p, {})}
         for index, p in enumerate(params)
-        if any(key in opt.state.get(p, {}) for key in _BANK_KEYS)
+        if any(key in opt.state.get(p, {}) for key in keys)
     }
 
 
