@@ -33,7 +33,6 @@ from fngd_hf.evaluation import (
     make_compute_metrics,
     metric_signatures,
     score_translations,
-    shuffled_source_check,
 )
 from fngd_hf.model_card import write_model_card
 from fngd_hf.models import build_model, resolve_shape
@@ -55,7 +54,6 @@ class DataArguments:
     max_target_length: int = 128
     vocab_size: int = field(default=8000, metadata={"help": "joint BPE vocabulary size (ignored with tokenizer_name)"})
     tokenizer_name: str | None = field(default=None, metadata={"help": "existing tokenizer instead of training one"})
-    source_gap_min: float = field(default=0.05, metadata={"help": "shuffled-source loss gap below which the model counts as collapsed"})
 
 
 @dataclass
@@ -318,10 +316,6 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     if training_args.do_eval:
         metrics = trainer.evaluate(num_beams=model_args.beam_size, max_length=model_args.max_generation_length)
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-        check = shuffled_source_check(trainer.model, trainer.get_eval_dataloader(), min_gap=data_args.source_gap_min, seed=training_args.seed)
-        metrics.update({f"eval_{k}": v for k, v in check.items() if k != "loss"})
-        if check["source_collapsed"]:
-            logger.warning("shuffled-source gap %.4f < %.4f: the model ignores its source", check["source_gap"], data_args.source_gap_min)
         trainer.log_metrics("eval", metrics)
         results["validation"] = metrics
     if training_args.do_predict:
