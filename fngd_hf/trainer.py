@@ -39,6 +39,10 @@ from .optimizer import FNGD
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("fngd", "ngd", "cwngd", "kfac", "sngd", "shampoo", "adamw", "sgd")
+# Learning rates the recipe uses when none is given (chosen by benchmarks/convergence.py; see the README).
+DEFAULT_LEARNING_RATES = {
+    "fngd": 1e-2, "ngd": 1e-2, "cwngd": 1e-2, "kfac": 1e-2, "sngd": 1e-1, "shampoo": 1e-3, "adamw": 5e-4, "sgd": 1e-1,
+}
 # Methods built on LayerwiseOptimizer: the trainer scales their loss and clips their update.
 LAYERWISE = ("fngd", "ngd", "cwngd", "kfac", "sngd")
 STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}

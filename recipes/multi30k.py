@@ -37,6 +37,7 @@ from fngd_hf.evaluation import (
 from fngd_hf.model_card import write_model_card
 from fngd_hf.models import build_model, resolve_shape
 from fngd_hf.tokenization import load_tokenizer, train_tokenizer
+from fngd_hf.trainer import DEFAULT_LEARNING_RATES
 from fngd_hf.trainer import FNGDTrainer as RecipeTrainer, FNGDTrainingArguments as RecipeTrainingArguments
 
 logger = logging.getLogger("multi30k")
@@ -125,6 +126,9 @@ def parse_args(argv: list[str] | None = None):
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if not training_args.output_dir:
         raise ValueError("--output_dir is required")
+    given = "learning_rate" in defaults or any(a.split("=")[0] in ("--learning_rate", "--learning-rate") for a in argv)
+    if not given:  # the Trainer's 5e-5 suits none of these methods: use the method's measured default
+        training_args.learning_rate = DEFAULT_LEARNING_RATES[training_args.optimizer]
     return model_args, data_args, training_args
 
 

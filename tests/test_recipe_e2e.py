@@ -198,3 +198,19 @@ def test_config_file_with_flag_overrides(tmp_path):
     json_config.write_text(json.dumps({"output_dir": "out", "optimizer": "sgd", "num_beams_typo": 3}))
     with pytest.raises(ValueError, match="num_beams_typo"):
         recipe.parse_args([str(json_config)])
+
+
+def test_learning_rate_defaults_to_the_methods_own(tmp_path):
+    from fngd_hf.trainer import DEFAULT_LEARNING_RATES
+
+    recipe = load_recipe_module()
+    out = str(tmp_path / "o")
+    for optimizer in ("fngd", "adamw", "kfac"):
+        _, _, args = recipe.parse_args(["--output_dir", out, "--optimizer", optimizer])
+        assert args.learning_rate == DEFAULT_LEARNING_RATES[optimizer]
+    _, _, args = recipe.parse_args(["--output_dir", out, "--optimizer", "fngd", "--learning_rate", "0.3"])
+    assert args.learning_rate == 0.3
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"output_dir": out, "learning_rate": 0.02}))
+    _, _, args = recipe.parse_args([str(config)])
+    assert args.learning_rate == 0.02
