@@ -38,7 +38,7 @@ SETTINGS = {
 
 # Method name -> recipe flags besides --optimizer and --learning_rate.
 METHOD_FLAGS = {
-    "adamw": ["--warmup_ratio", "0.05", "--lr_scheduler_type", "linear"],
+    "adamw": ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
     "sgd": [],
     "fngd": ["--max_grad_norm", "0"],
     "ngd": ["--max_grad_norm", "0"],
