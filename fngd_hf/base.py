@@ -212,50 +212,67 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return loss
 
     def _all_finite(self) -> bool:
-        """One host sync for every gradient and every statistic computed since the last step."""
-        flags = [torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        """One host sync for every gradient and every statistic computed since the last step.
+
+        The norms come from one ``_foreach_norm`` (a handful of kernels, not a few per tensor); a
+        norm that overflows float32 (entries around 1e19) also counts as non-finite.
+        """
+        tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        flags = [torch.stack(torch._foreach_norm(tensors)).isfinite().all()] if tensors else []
         if self._finite is not None:
-            flags.append(self._finite)
-        if not flags:
-            return True
-        device = flags[0].device
-        return bool(torch.stack([f.to(device) for f in flags]).all())
+            flags.append(self._finite.to(flags[0].device) if flags else self._finite)
+        return bool(torch.stack(flags).all()) if flags else True
 
     def _managed_group_step(self, group: dict) -> None:
+        """Trust region, update clip, weight decay, momentum and ``p -= lr·d``, as ``_foreach`` ops."""
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         ratio = group["max_update_ratio"]
-        updates = []
-        for layer in self._layers:
-            params = [p for p in (layer.weight, layer.bias) if p is not None and p.grad is not None]
-            if not params:
-                continue
+        params, directions, owner = [], [], []
+        for index, layer in enumerate(self._layers):
             factor = self._accumulation_correction(layer, group)
-            directions = [p.grad * factor if factor != 1.0 else p.grad for p in params]
-            if ratio is not None:
-                update_norm = lr * torch.sqrt(sum(d.pow(2).sum() for d in directions))
-                param_norm = torch.sqrt(sum(p.pow(2).sum() for p in params))
-                # Trust region: a layer never moves by more than `ratio` of its own norm.
-                shrink = torch.clamp(ratio * param_norm / update_norm.clamp(min=1e-30), max=1.0)
-                shrink = torch.where(param_norm > 0, shrink, torch.ones_like(shrink))
-                directions = [d * shrink for d in directions]
-            updates.append((params, directions))
-        if self.clip_update_norm is not None and updates:
-            total = torch.sqrt(sum(d.pow(2).sum() for _, ds in updates for d in ds))
-            clip = torch.clamp(self.clip_update_norm / total.clamp(min=1e-30), max=1.0)
-            updates = [(ps, [d * clip for d in ds]) for ps, ds in updates]
-        for params, directions in updates:
+            for p in (layer.weight, layer.bias):
+                if p is not None and p.grad is not None:
+                    params.append(p)
+                    directions.append(p.grad if factor == 1.0 else p.grad * factor)
+                    owner.append(index)
+        if not params:
+            return
+        scales = None
+        if ratio is not None or self.clip_update_norm is not None:
+            direction_norms = torch.stack(torch._foreach_norm(directions)).float()
+            scales = torch.ones_like(direction_norms)
+        if ratio is not None:
+            # Trust region: a layer ([W|b] together) never moves by more than `ratio` of its own norm.
+            owner_index = torch.tensor(owner, device=direction_norms.device)
+            param_norms = torch.stack(torch._foreach_norm(params)).float()
+            layers = len(self._layers)
+            layer_d = direction_norms.new_zeros(layers).index_add_(0, owner_index, direction_norms.square()).sqrt_()
+            layer_p = direction_norms.new_zeros(layers).index_add_(0, owner_index, param_norms.square()).sqrt_()
+            shrink = torch.clamp(ratio * layer_p / (lr * layer_d).clamp(min=1e-30), max=1.0)
+            shrink = torch.where(layer_p > 0, shrink, torch.ones_like(shrink))
+            scales = shrink[owner_index]
+        if self.clip_update_norm is not None:
+            total = (scales * direction_norms).square().sum().sqrt()
+            scales = scales * torch.clamp(self.clip_update_norm / total.clamp(min=1e-30), max=1.0)
+        if scales is not None:
+            directions = torch._foreach_mul(directions, [s.to(d.dtype) for s, d in zip(scales.unbind(0), directions)])
+        if weight_decay != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        if momentum != 0.0:
+            buffers, old_buffers, old_directions = [], [], []
             for p, d in zip(params, directions):
-                if weight_decay != 0.0:
-                    p.mul_(1.0 - lr * weight_decay)
-                if momentum != 0.0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d.detach().clone()
-                    else:
-                        buf.mul_(momentum).add_(d)
-                    d = buf
-                p.add_(d, alpha=-lr)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d.detach().clone()
+                else:
+                    old_buffers.append(state["momentum_buffer"])
+                    old_directions.append(d)
+                buffers.append(state["momentum_buffer"])
+            if old_buffers:
+                torch._foreach_mul_(old_buffers, momentum)
+                torch._foreach_add_(old_buffers, old_directions)
+            directions = buffers
+        torch._foreach_add_(params, directions, alpha=-lr)
 
     def _adamw_group_step(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

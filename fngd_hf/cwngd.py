@@ -26,10 +26,11 @@ class CWNGD(FNGD):
 
     def _fresh_coefficients(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float, group: dict):
         grams = F.unit_gram_matrices(x, delta, layer.has_bias, scale, self.gram_path)
-        damping_b = F.damping_times_batch(grams, group["damping"], group["damping_mode"], group["damping_floor"])
+        norms = torch.linalg.matrix_norm(grams)
+        damping_b = F.damping_times_batch(grams, group["damping"], group["damping_mode"], group["damping_floor"], norms)
         beta, damping_b = F.solve_coefficients(grams, damping_b)  # (o, B)
         traces = grams.diagonal(dim1=-2, dim2=-1).sum(-1)
-        return beta.T.contiguous(), traces, damping_b, torch.linalg.matrix_norm(grams)
+        return beta.T.contiguous(), traces, damping_b, norms
 
     def _trace(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
         return F.unit_gram_traces(x, delta, layer.has_bias, scale)

@@ -96,14 +96,17 @@ def unit_gram_traces(x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale
 
 
 def damping_times_batch(
-    gram: torch.Tensor, damping: float, mode: str, damping_floor: float
+    gram: torch.Tensor, damping: float, mode: str, damping_floor: float, norm: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``λB`` per Gram matrix: fixed ``damping * B``; relative ``max(damping * ‖K‖_F, damping_floor * B)``."""
+    """``λB`` per Gram matrix: fixed ``damping * B``; relative ``max(damping * ‖K‖_F, damping_floor * B)``.
+
+    ``norm`` is ``‖K‖_F`` if the caller already has it.
+    """
     batch = gram.shape[-1]
     if mode == "fixed":
         return gram.new_full(gram.shape[:-2], damping * batch)
     if mode == "relative":
-        relative = damping * torch.linalg.matrix_norm(gram)
+        relative = damping * (torch.linalg.matrix_norm(gram) if norm is None else norm)
         return torch.clamp(relative, min=damping_floor * batch)
     raise ValueError(f"Unknown damping_mode {mode!r}; expected 'relative' or 'fixed'")
 

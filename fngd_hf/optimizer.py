@@ -106,6 +106,7 @@ class FNGD(LayerwiseOptimizer):
         self.scale_mode = scale_mode
         self.stat_dtype = stat_dtype
         self.gram_path = gram_path
+        self._host_sizes: dict[int, list[list[int]]] = {}  # host copies of coef_size, per layer
         self._pending: dict[int, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}  # per layer, per micro-batch
         self._fixed_accumulation_warned = False
         self._diag = self._empty_diagnostics()
@@ -133,18 +134,22 @@ class FNGD(LayerwiseOptimizer):
             )
         return self.global_step % self._steps_per_epoch
 
+    def _stored_size(self, layer: CapturedLayer, slot: int, micro: int) -> int:
+        """Batch size of a bank slot (0 = empty), from a host copy: no device sync per layer."""
+        sizes = self._host_sizes.get(id(layer))
+        if sizes is None:
+            tensor = self.state.get(layer.weight, {}).get("coef_size")
+            sizes = self._host_sizes[id(layer)] = tensor.tolist() if tensor is not None else []
+        return sizes[slot][micro] if slot < len(sizes) and micro < len(sizes[slot]) else 0
+
     def _stored_coefficients(self, layer: CapturedLayer, slot: int, micro: int, batch: int):
-        state = self.state.get(layer.weight, {})
-        bank = state.get("coef_bank")
-        if bank is None or slot >= bank.shape[0] or micro >= bank.shape[1]:
-            return None
-        if int(state["coef_size"][slot, micro]) != batch:
+        if self._stored_size(layer, slot, micro) != batch:
             return None  # never truncate or pad: a different batch size gets fresh coefficients
-        return bank[slot, micro, :batch], state["coef_trace"][slot, micro]
+        state = self.state[layer.weight]
+        return state["coef_bank"][slot, micro, :batch], state["coef_trace"][slot, micro]
 
     def _slot_filled(self, layer: CapturedLayer, slot: int, micro: int) -> bool:
-        sizes = self.state.get(layer.weight, {}).get("coef_size")
-        return sizes is not None and micro < sizes.shape[1] and int(sizes[slot, micro]) > 0
+        return self._stored_size(layer, slot, micro) > 0
 
     def _layer_gradient(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor):
         """Called from the layer's backward: the micro-batch's natural gradient, already averaged."""
@@ -165,7 +170,8 @@ class FNGD(LayerwiseOptimizer):
             beta, stored_trace = stored
             if self.scale_mode == "refreshed":
                 new_trace = self._trace(layer, self._stats(x), self._stats(delta), scale)
-                beta = beta.to(self.stat_dtype) * (stored_trace.to(self.stat_dtype) / new_trace)
+                # A layer with no gradient now has trace 0: keep beta finite, d = J·beta is 0 anyway.
+                beta = beta.to(self.stat_dtype) * (stored_trace.to(self.stat_dtype) / new_trace.clamp(min=1e-30))
             self._diag["shared"] += 1
         else:
             beta, trace, damping_b, gram_norm = self._fresh_coefficients(
@@ -179,7 +185,7 @@ class FNGD(LayerwiseOptimizer):
             self._diag["damping"] = self._diag["damping"] + damping_b.detach().float().mean() / batch
             self._diag["gram_norm"] = self._diag["gram_norm"] + gram_norm.detach().float().mean()
             self._diag["fresh"] += 1
-        self._note_finite(beta)
+            self._note_finite(beta)  # stored coefficients were checked before they were banked
         d_weight, d_bias = F.weighted_gradient(
             x.detach(), delta.detach(), beta, scale, layer.has_bias, layer.transposed
         )
@@ -194,10 +200,18 @@ class FNGD(LayerwiseOptimizer):
 
     def _fresh_coefficients(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float, group: dict):
         """``(β, trace(K), λB, ‖K‖_F)`` of one layer and micro-batch."""
-        gram = F.gram_matrix(x, delta, layer.has_bias, scale, self.gram_path)
-        damping_b = F.damping_times_batch(gram, group["damping"], group["damping_mode"], group["damping_floor"])
+        gram = F.gram_matrix(x, delta, layer.has_bias, scale, self._gram_path(x))
+        norm = torch.linalg.matrix_norm(gram)
+        damping_b = F.damping_times_batch(gram, group["damping"], group["damping_mode"], group["damping_floor"], norm)
         beta, damping_b = F.solve_coefficients(gram, damping_b)
-        return beta, gram.diagonal().sum(), damping_b, torch.linalg.matrix_norm(gram)
+        return beta, gram.diagonal().sum(), damping_b, norm
+
+    def _gram_path(self, x: torch.Tensor) -> str:
+        # Measured (benchmarks/step_time.py --micro): on GPUs the token Gram is as fast or faster for
+        # Transformer layer shapes and needs less memory; on CPUs the multiply-add count decides.
+        if self.gram_path == "auto" and x.is_cuda:
+            return "token"
+        return self.gram_path
 
     def _trace(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
         return F.gram_trace(x, delta, layer.has_bias, scale)
@@ -266,6 +280,7 @@ class FNGD(LayerwiseOptimizer):
         bank[slot, micro].zero_()
         bank[slot, micro, :batch] = beta
         state["coef_size"][slot, micro] = batch
+        self._host_sizes.pop(id(layer), None)  # re-read once on next use
         state["coef_trace"][slot, micro] = trace
 
     # ------------------------------------------------------------------------ diagnostics
@@ -294,5 +309,6 @@ class FNGD(LayerwiseOptimizer):
         }
 
     def _load_extra_state(self, extra: dict) -> None:
+        self._host_sizes.clear()
         if extra.get("steps_per_epoch") is not None:
             self.steps_per_epoch = extra["steps_per_epoch"]
