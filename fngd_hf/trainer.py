@@ -30,7 +30,6 @@ import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.trainer_utils import has_length
 
-from .evaluation import shuffled_source_check
 from .base import LayerwiseOptimizer
 from .cwngd import CWNGD
 from .kfac import KFAC
@@ -471,6 +470,8 @@ class FNGDTrainer(Seq2SeqTrainer):
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **gen_kwargs)
         check = None
         if self._arg("source_check"):
+            from .evaluation import shuffled_source_check  # sacreBLEU and friends only when evaluating
+
             try:
                 check = shuffled_source_check(
                     self.model, self.get_eval_dataloader(eval_dataset), min_gap=self._arg("source_gap_min"),
