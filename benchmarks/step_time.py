@@ -24,8 +24,10 @@ Methods (``--methods``, comma separated):
 * ``fngd_shared``: FNGD in the shared phase (``steps_per_epoch=2``; the warm-up is longer than 2
   steps, so every measured step reuses stored coefficients and forms no ``K``);
 * ``ngd``: FNGD with ``share_coefficients=False`` (fresh coefficients at every step);
-* variants for the profile (not in the default list): ``fngd_first_token`` / ``fngd_first_ps``
-  (``gram_path`` forced).
+* variants (not in the default list): ``fngd_first_token`` / ``fngd_first_ps`` (``gram_path``
+  forced); the other methods of the package: ``cwngd_first`` / ``cwngd_shared``, ``kfac`` (factors
+  every step, inverses every 10), ``sngd`` (refresh every 10), ``shampoo`` (pytorch-optimizer,
+  preconditioners every 10 steps). K-FAC/SNGD/Shampoo medians include their periodic refresh steps.
 
 A measured step is ``zero_grad(set_to_none=True)`` + forward (under bf16 autocast with
 ``--bf16``) + backward + ``optimizer.step()``, bracketed by ``torch.cuda.synchronize()`` on GPU.
@@ -62,14 +64,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fngd_hf  # noqa: E402
-from fngd_hf import FNGD  # noqa: E402
+from fngd_hf import CWNGD, FNGD, KFAC, SNGD  # noqa: E402
 from fngd_hf import functional as F  # noqa: E402
 from fngd_hf.models import build_config, resolve_shape  # noqa: E402
 
 PAD, EOS = 0, 1
 MULTI30K_STEPS_PER_EPOCH = 29000 // 64 + 1  # 454: the bank size a real first epoch would have
 DEFAULT_METHODS = "adamw,sgd,fngd_first,fngd_shared,ngd"
-VARIANTS = ("fngd_first_token", "fngd_first_ps")
+VARIANTS = ("fngd_first_token", "fngd_first_ps", "cwngd_first", "cwngd_shared", "kfac", "sngd", "shampoo")
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -123,6 +125,18 @@ def make_optimizer(method, model, device, total_steps):
         return FNGD(model, share_coefficients=True, steps_per_epoch=2, **fngd_kwargs)
     if method == "ngd":
         return FNGD(model, share_coefficients=False, **fngd_kwargs)
+    if method == "cwngd_first":
+        return CWNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, **fngd_kwargs)
+    if method == "cwngd_shared":
+        return CWNGD(model, share_coefficients=True, steps_per_epoch=2, **fngd_kwargs)
+    if method == "kfac":  # the paper's peers at their usual update frequencies
+        return KFAC(model, lr=1e-3, damping=0.1, adamw_lr=1e-4, factor_update_freq=1, inverse_update_freq=10)
+    if method == "sngd":
+        return SNGD(model, lr=1e-3, damping=0.1, adamw_lr=1e-4, update_freq=10)
+    if method == "shampoo":
+        from fngd_hf.shampoo import build_shampoo
+
+        return build_shampoo(model, lr=1e-3, adamw_lr=1e-4, preconditioning_compute_steps=10)
     raise ValueError(f"unknown method {method!r}; choose from {DEFAULT_METHODS},{','.join(VARIANTS)}")
 
 
