@@ -115,6 +115,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._capture_enabled = True
         self._finite: torch.Tensor | None = None  # every direction finite since the last step
+        self._bypassed_warned: set[str] = set()
         self._layers: list[CapturedLayer] = [
             attach(name, module, self._layer_gradient, lambda: self._capture_enabled)
             for name, module in modules.items()
@@ -229,6 +230,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         ratio = group["max_update_ratio"]
         params, directions, owner = [], [], []
         for index, layer in enumerate(self._layers):
+            if layer.micro_batches == 0 and layer.name not in self._bypassed_warned and any(
+                p is not None and p.grad is not None for p in (layer.weight, layer.bias)
+            ):
+                # e.g. nn.MultiheadAttention calls F.linear on out_proj's weight: the hook never runs.
+                self._bypassed_warned.add(layer.name)
+                warnings.warn(
+                    f"{layer.name} got a gradient without running its forward (its weight is used directly), "
+                    f"so it is updated with its plain gradient; leave it out with target_modules.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             factor = self._accumulation_correction(layer, group)
             for p in (layer.weight, layer.bias):
                 if p is not None and p.grad is not None:

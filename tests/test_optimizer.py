@@ -370,3 +370,13 @@ def test_every_micro_batch_of_an_accumulated_step_is_banked():
         (nn.functional.cross_entropy(model(x), y) / 2).backward()
     opt.step()
     assert opt.state[model[0].weight]["coef_size"].tolist() == [[5, 5]]
+
+
+def test_layer_used_without_its_forward_is_reported():
+    model = make_mlp()
+    opt = FNGD(model, share_coefficients=False)
+    x, y = mlp_batch(0)
+    hidden = torch.tanh(nn.functional.linear(x, model[0].weight, model[0].bias))  # bypasses the hook
+    nn.functional.cross_entropy(model[3](model[2](hidden)), y).backward()
+    with pytest.warns(RuntimeWarning, match="0 got a gradient without running its forward"):
+        opt.step()
