@@ -126,6 +126,10 @@ def plot(records: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    losses = [e["val_loss"] for r in records for e in r.get("epochs", [])]
+    if losses:  # a diverged run would squash every other curve: cut the axis at 8 nats
+        for ax in axes[0]:
+            ax.set_ylim(min(losses) - 0.2, min(max(losses), 8.0) + 0.2)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
