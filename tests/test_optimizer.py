@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fngd_hf.functional as functional
-from fngd_hf import FNGD
+from fngd_hf import CWNGD, FNGD, KFAC, SNGD
 
 
 def make_mlp(bias=True, seed=0):
@@ -91,12 +91,13 @@ def test_target_modules_regex_and_errors():
 
 
 # --------------------------------------------------------------------------- AdamW parity
+@pytest.mark.parametrize("method", [FNGD, CWNGD, KFAC, SNGD])
 @pytest.mark.parametrize("model_fn", [lambda: nn.Sequential(nn.LayerNorm(6), nn.Embedding(3, 6)), make_mlp])
-def test_nothing_managed_equals_torch_adamw(model_fn):
+def test_nothing_managed_equals_torch_adamw(model_fn, method):
     model_a, model_b = model_fn(), model_fn()
     model_b.load_state_dict(model_a.state_dict())
     targets = [] if any(isinstance(m, nn.Linear) for m in model_a.modules()) else None
-    opt_a = FNGD(model_a, lr=3e-3, target_modules=targets, adamw_betas=(0.8, 0.99), adamw_eps=1e-6,
+    opt_a = method(model_a, lr=3e-3, target_modules=targets, adamw_betas=(0.8, 0.99), adamw_eps=1e-6,
                  adamw_weight_decay=0.05)
     opt_b = torch.optim.AdamW(model_b.parameters(), lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
     assert not opt_a.managed_modules
