@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import BartConfig, BartForConditionalGeneration
-
+import tiny_models
 from fngd_hf.trainer import FNGDTrainer, FNGDTrainingArguments
 
 
@@ -32,14 +31,7 @@ class CopyTask(torch.utils.data.Dataset):
 
 
 def tiny_bart():
-    torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=20, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=16,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
-        eos_token_id=2, decoder_start_token_id=2,
-    )
-    return BartForConditionalGeneration(config)
+    return tiny_models.tiny_bart(0, vocab_size=20, d_model=32, ffn_dim=64, max_position_embeddings=16)
 
 
 def digest(model) -> str:

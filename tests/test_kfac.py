@@ -1,5 +1,6 @@
 """K-FAC against dense float64 references on tiny layers, plus state, safeguards and a tiny BART."""
 
+import functools
 import io
 import math
 
@@ -9,24 +10,12 @@ from torch import nn
 
 from fngd_hf.kfac import KFAC
 
+import tiny_models
+from tiny_models import tiny_bart, train_steps
 
-def make_mlp(bias=True, seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3, bias=bias))
-    return model.to(dtype)
-
-
-def mlp_batch(seed, batch=5, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 6, generator=g).to(dtype), torch.randint(0, 3, (batch,), generator=g)
-
-
-def train_steps(model, opt, seeds, batch=5):
-    for seed in seeds:
-        x, y = mlp_batch(seed, batch, dtype=next(model.parameters()).dtype)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+# K-FAC's dense references run in float64.
+make_mlp = functools.partial(tiny_models.make_mlp, dtype=torch.float64)
+mlp_batch = functools.partial(tiny_models.mlp_batch, dtype=torch.float64)
 
 
 def capture(model, loss_fn):
@@ -318,19 +307,6 @@ def test_conv1d_layer_matches_equivalent_linear():
 
 
 # -------------------------------------------------------------------------- a tiny BART
-def tiny_bart(seed=0):
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = BartConfig(
-        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
-        eos_token_id=2, decoder_start_token_id=2,
-    )
-    return BartForConditionalGeneration(config)
-
-
 @pytest.mark.parametrize("method", ["eigen", "cholesky"])
 def test_tiny_bart_trains(method):
     model = tiny_bart()

@@ -9,37 +9,7 @@ from torch import nn
 
 import fngd_hf.functional as functional
 from fngd_hf import CWNGD, FNGD, KFAC, SNGD
-
-
-def make_mlp(bias=True, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3, bias=bias))
-
-
-def mlp_batch(seed, batch=5):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 6, generator=g), torch.randint(0, 3, (batch,), generator=g)
-
-
-def train_steps(model, opt, seeds, batch=5):
-    for seed in seeds:
-        x, y = mlp_batch(seed, batch)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-
-
-def tiny_bart(seed=0):
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = BartConfig(
-        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
-        eos_token_id=2, decoder_start_token_id=2,
-    )
-    return BartForConditionalGeneration(config)
+from tiny_models import make_mlp, mlp_batch, tiny_bart, train_steps
 
 
 # ------------------------------------------------------------------ validation and layer choice

@@ -10,11 +10,7 @@ from torch import nn
 
 from fngd_hf import select_modules
 from fngd_hf.shampoo import build_shampoo
-
-
-def make_mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+from tiny_models import make_mlp, tiny_bart
 
 
 def train_steps(model, opt, seeds, scheduler=None):
@@ -41,19 +37,6 @@ def test_missing_library_is_a_clear_import_error(monkeypatch):
 requires_library = pytest.mark.skipif(
     importlib.util.find_spec("pytorch_optimizer") is None, reason="pip install fngd-hf[shampoo]"
 )
-
-
-def tiny_bart(seed=0):
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = BartConfig(
-        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
-        eos_token_id=2, decoder_start_token_id=2,
-    )
-    return BartForConditionalGeneration(config)
 
 
 @requires_library

@@ -10,6 +10,7 @@ from torch import nn
 import reference as ref
 from fngd_hf import matrix_functions as mf
 from fngd_hf.sngd import SNGD
+from tiny_models import make_mlp, mlp_batch, train_steps
 
 F64 = torch.float64
 
@@ -30,24 +31,6 @@ def eig_power(a, power):
 
 def rel(a, b):
     return float((a.to(F64) - b.to(F64)).norm() / b.to(F64).norm())
-
-
-def make_mlp(bias=True, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3, bias=bias)).to(dtype)
-
-
-def mlp_batch(seed, batch=5, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 6, generator=g).to(dtype), torch.randint(0, 3, (batch,), generator=g)
-
-
-def train_steps(model, opt, seeds, batch=5):
-    for seed in seeds:
-        x, y = mlp_batch(seed, batch, dtype=next(model.parameters()).dtype)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
 
 
 def augmented(x, bias):

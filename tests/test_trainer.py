@@ -6,8 +6,6 @@ import warnings
 import pytest
 import torch
 from transformers import (
-    BartConfig,
-    BartForConditionalGeneration,
     HfArgumentParser,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
@@ -19,6 +17,8 @@ from transformers import (
 import fngd_hf.functional as functional
 from fngd_hf import FNGD
 from fngd_hf.trainer import FNGDTrainer, FNGDTrainingArguments, unwrap_fngd
+
+import tiny_models
 
 VOCAB = 20
 
@@ -41,14 +41,7 @@ class CopyTask(torch.utils.data.Dataset):
 
 
 def tiny_bart(seed=0):
-    torch.manual_seed(seed)
-    config = BartConfig(
-        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=16,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
-        eos_token_id=2, decoder_start_token_id=2,
-    )
-    return BartForConditionalGeneration(config)
+    return tiny_models.tiny_bart(seed, vocab_size=VOCAB, d_model=32, ffn_dim=64, max_position_embeddings=16)
 
 
 def tiny_t5(seed=0):
