@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import transformers
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser, set_seed
 from transformers.integrations import is_tensorboard_available
@@ -352,4 +353,9 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # gloo's worker threads abort the interpreter at exit (SIGABRT) if the group is still alive.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

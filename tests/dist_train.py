@@ -77,4 +77,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # Without this, gloo's threads can abort the interpreter at exit (SIGABRT, seen in CI).
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
