@@ -6,7 +6,7 @@ import datasets
 import pytest
 import torch
 from multi30k_fixtures import synthetic_pair
-from transformers import AutoModelForSeq2SeqLM, GenerationConfig, MarianMTModel
+from transformers import AutoModelForSeq2SeqLM, GenerationConfig, MarianMTModel, pipeline
 
 from fngd_hf.models import PRESETS, build_model, resolve_shape
 from fngd_hf.tokenization import train_tokenizer
@@ -64,9 +64,13 @@ def test_saved_model_reloads_offline(tokenizer, tmp_path):
     translator, loaded_tokenizer = load_translator(str(tmp_path))
     outputs = translate(translator, loaded_tokenizer, ["A dog runs.", "A man sleeps here."])
     assert len(outputs) == 2 and all(isinstance(text, str) for text in outputs)
-    if translation_pipeline_available():  # transformers 4.x only; 5.x removed the task
-        from transformers import pipeline
-
-        assert len(pipeline("translation", model=str(tmp_path))(["A dog runs."])) == 1
+    # transformers 5 removed the task; importing fngd_hf registers it again (4.x has its own).
+    assert translation_pipeline_available()
+    translator_pipeline = pipeline("translation", model=str(tmp_path))
+    piped = translator_pipeline(["A dog runs.", "A man sleeps here."])
+    assert [row["translation_text"] for row in piped] == outputs
+    assert translator_pipeline("A dog runs.") == piped[:1]
+    with pytest.raises(ValueError, match="list of strings"):
+        translator_pipeline([1, 2])
     with pytest.raises(ValueError, match="list of strings"):
         translate(translator, loaded_tokenizer, "A dog.")

@@ -10,8 +10,9 @@ import sys
 import pytest
 import yaml
 from multi30k_fixtures import REAL_DATA, REPO, real_data_available, write_synthetic_corpus
+from transformers import pipeline
 
-from fngd_hf.translate import load_translator, translate, translation_pipeline_available
+from fngd_hf.translate import load_translator, translate
 
 RECIPE = REPO / "recipes" / "multi30k.py"
 TINY_ARGS = [
@@ -90,10 +91,8 @@ def check_output(output_dir, data_dir, optimizer):
     model, tokenizer = load_translator(str(output_dir))
     outputs = translate(model, tokenizer, ["A dog runs.", "Two men are outside."], max_length=16)
     assert len(outputs) == 2 and all(isinstance(text, str) for text in outputs)
-    if translation_pipeline_available():  # transformers 4.x; 5.x removed pipeline("translation")
-        from transformers import pipeline
-
-        assert len(pipeline("translation", model=str(output_dir))(["A dog runs."])) == 1
+    piped = pipeline("translation", model=str(output_dir), max_length=16)(["A dog runs.", "Two men are outside."])
+    assert [row["translation_text"] for row in piped] == outputs
     return results
 
 
