@@ -24,7 +24,10 @@ class CWNGD(FNGD):
         opt = CWNGD(model, lr=1e-2, damping=1.0, steps_per_epoch=len(train_loader))
     """
 
-    def _fresh_coefficients(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float, group: dict):
+    def _fresh_coefficients(
+        self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float, group: dict, tokens=None
+    ):
+        # The per-unit Gram works on padded per-sample gradients; ``tokens`` only serve the weighted gradient.
         grams = F.unit_gram_matrices(x, delta, layer.has_bias, scale, self.gram_path)
         norms = torch.linalg.matrix_norm(grams)
         damping_b = F.damping_times_batch(grams, group["damping"], group["damping_mode"], group["damping_floor"], norms)

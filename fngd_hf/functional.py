@@ -12,40 +12,85 @@ import torch
 
 # Materialised per-sample gradients are only worth it below this many elements (B * o * i).
 _PER_SAMPLE_MAX_ELEMENTS = 1 << 27
+# Cost of writing and re-reading one tensor element, in multiply-adds: both Gram paths are partly
+# memory-bound on CPUs (measured on a 2-core x86 VM with benchmarks/step_time.py --micro).
+_MEMORY_COST = 100
 
 
-def choose_gram_path(batch: int, tokens: int, in_features: int, out_features: int) -> str:
-    """The cheaper way (in multiply-adds, then memory) to form ``K`` for a layer of this shape."""
+def choose_gram_path(batch: int, tokens: int, in_features: int, out_features: int, kept_tokens: int | None = None) -> str:
+    """The cheaper way (multiply-adds plus memory traffic) to form ``K`` for a layer of this shape.
+
+    ``tokens`` is the padded length; ``kept_tokens`` the number of tokens the token path really
+    uses (see :func:`kept_tokens`; default all ``batch * tokens``).
+    """
     n = batch * tokens
-    token_cost = n * n * (in_features + out_features)
-    per_sample_cost = n * in_features * out_features + batch * batch * in_features * out_features
-    if per_sample_cost < token_cost and batch * in_features * out_features <= _PER_SAMPLE_MAX_ELEMENTS:
+    kept = n if kept_tokens is None else kept_tokens
+    io = in_features * out_features
+    token_cost = kept * kept * (in_features + out_features + 3 * _MEMORY_COST)
+    per_sample_cost = n * io + batch * batch * io + _MEMORY_COST * batch * io
+    if per_sample_cost < token_cost and batch * io <= _PER_SAMPLE_MAX_ELEMENTS:
         return "per_sample"
     return "token"
 
 
+def kept_tokens(x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x (N, i), delta (N, o), sample (N,))``: the tokens whose output gradient is not all zero.
+
+    A token with ``δ_t = 0`` (padding, ``-100`` labels) adds nothing to ``K`` or to ``d``, so
+    dropping it changes no number, while the token Gram costs ``N²``. ``sample`` is each kept
+    token's sample index. One host sync (the count of kept tokens).
+    """
+    batch, tokens = x.shape[:2]
+    flat_x = x.reshape(batch * tokens, x.shape[-1])
+    flat_delta = delta.reshape(batch * tokens, delta.shape[-1])
+    index = flat_delta.ne(0).any(dim=1).nonzero().squeeze(1)
+    return flat_x.index_select(0, index), flat_delta.index_select(0, index), index // tokens
+
+
+def _sum_by_sample(token_gram: torch.Tensor, sample: torch.Tensor, batch: int) -> torch.Tensor:
+    """``K_nm = Σ_{t∈n, s∈m} token_gram_ts`` for tokens listed with their sample index."""
+    rows = token_gram.new_zeros(batch, token_gram.shape[1]).index_add_(0, sample, token_gram)
+    return rows.new_zeros(batch, batch).index_add_(1, sample, rows)
+
+
 def gram_matrix(
-    x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: float, path: str = "auto"
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    has_bias: bool,
+    scale: float,
+    path: str = "auto",
+    tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``K_nm = scale² Σ_{t∈n} Σ_{s∈m} (x̂_t·x̂_s)(δ_t·δ_s)`` in the dtype of ``x``/``delta``."""
-    batch, tokens, in_features = x.shape
+    """``K_nm = scale² Σ_{t∈n} Σ_{s∈m} (x̂_t·x̂_s)(δ_t·δ_s)`` in the dtype of ``x``/``delta``.
+
+    ``tokens``: the output of :func:`kept_tokens` for the same ``x``/``delta``; the token path
+    then works on those tokens only (same ``K``, fewer rows).
+    """
+    batch, length, in_features = x.shape
     out_features = delta.shape[-1]
     if path == "auto":
-        path = choose_gram_path(batch, tokens, in_features, out_features)
+        kept = None if tokens is None else tokens[0].shape[0]
+        path = choose_gram_path(batch, length, in_features, out_features, kept)
     if path == "per_sample":
-        per_sample = torch.einsum("bto,bti->boi", delta, x).reshape(batch, -1)
+        per_sample = torch.bmm(delta.transpose(1, 2), x).reshape(batch, -1)
         gram = per_sample @ per_sample.T
         if has_bias:
             bias_grad = delta.sum(dim=1)
             gram = gram + bias_grad @ bias_grad.T
     elif path == "token":
-        flat_x = x.reshape(batch * tokens, in_features)
-        flat_delta = delta.reshape(batch * tokens, out_features)
+        if tokens is None:
+            flat_x = x.reshape(batch * length, in_features)
+            flat_delta = delta.reshape(batch * length, out_features)
+        else:
+            flat_x, flat_delta, sample = (t.to(x.dtype) if t.is_floating_point() else t for t in tokens)
         input_gram = flat_x @ flat_x.T
         if has_bias:
             input_gram += 1.0
         token_gram = input_gram.mul_(flat_delta @ flat_delta.T)
-        gram = token_gram.view(batch, tokens, batch, tokens).sum(dim=(1, 3))
+        if tokens is None:
+            gram = token_gram.view(batch, length, batch, length).sum(dim=(1, 3))
+        else:
+            gram = _sum_by_sample(token_gram, sample, batch)
     else:
         raise ValueError(f"Unknown gram path {path!r}; expected 'auto', 'token' or 'per_sample'")
     return gram * (scale * scale)
@@ -158,19 +203,28 @@ def weighted_gradient(
     scale: float,
     has_bias: bool,
     transposed: bool = False,
+    tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``d = Jβ = scale · Σ_n β_n Σ_t δ_t x̂_tᵀ``: one matmul, the cost of a plain weight gradient.
 
     Returns ``(dW, db)``; ``dW`` has shape ``(o, i)``, or ``(i, o)`` when ``transposed``
-    (transformers' ``Conv1D`` stores its weight that way).
+    (transformers' ``Conv1D`` stores its weight that way). ``tokens`` (from :func:`kept_tokens`)
+    makes the matmul skip the tokens with zero output gradient.
     """
-    batch, tokens, in_features = x.shape
+    batch, length, in_features = x.shape
     # beta: (B,) for FNGD, (B, o) for CW-NGD (one coefficient per sample and output unit).
-    weights = (beta * scale).to(delta.dtype).view(batch, 1, -1)
-    weighted_delta = (delta * weights).reshape(batch * tokens, -1)
+    beta = beta * scale
+    if tokens is None:
+        weights = beta.to(delta.dtype).view(batch, 1, -1)
+        weighted_delta = (delta * weights).reshape(batch * length, -1)
+        flat_x = x.reshape(batch * length, in_features)
+    else:
+        flat_x, flat_delta, sample = tokens
+        weights = beta.to(flat_delta.dtype).index_select(0, sample)
+        weighted_delta = flat_delta * (weights if weights.dim() == 2 else weights[:, None])
     # Under autocast x may be float32 (a LayerNorm output) while delta is bf16: use delta's dtype,
     # as autograd's own weight gradient would.
-    flat_x = x.reshape(batch * tokens, in_features).to(weighted_delta.dtype)
+    flat_x = flat_x.to(weighted_delta.dtype)
     if transposed:
         d_weight = flat_x.T @ weighted_delta
     else:

@@ -278,6 +278,31 @@ def test_gram_paths_agree():
         torch.testing.assert_close(functional.gram_trace(x, delta, bias, 4.0), token.diagonal().sum())
 
 
+def test_dropping_zero_gradient_tokens_changes_no_number():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, 4, generator=g, dtype=torch.float64)
+    delta = torch.randn(5, 6, 3, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([6, 1, 3, 0, 5])  # padding has zero output gradient; sample 3 has none at all
+    delta = delta * (torch.arange(6) < lengths[:, None])[..., None]
+    tokens = functional.kept_tokens(x, delta)
+    assert tokens[0].shape == (int(lengths.sum()), 4)
+    assert tokens[2].tolist() == [n for n, length in enumerate(lengths.tolist()) for _ in range(length)]
+    beta = torch.randn(5, generator=g, dtype=torch.float64)
+    unit_beta = torch.randn(5, 3, generator=g, dtype=torch.float64)  # CW-NGD: one coefficient per unit
+    for bias in (True, False):
+        dense = functional.gram_matrix(x, delta, bias, 5.0, "token")
+        torch.testing.assert_close(functional.gram_matrix(x, delta, bias, 5.0, "token", tokens), dense)
+        torch.testing.assert_close(functional.gram_matrix(x, delta, bias, 5.0, "per_sample", tokens), dense)
+        assert torch.all(dense[3] == 0) and torch.all(dense[:, 3] == 0)
+        for coefficients in (beta, unit_beta):
+            for transposed in (False, True):
+                full = functional.weighted_gradient(x, delta, coefficients, 5.0, bias, transposed)
+                kept = functional.weighted_gradient(x, delta, coefficients, 5.0, bias, transposed, tokens)
+                torch.testing.assert_close(kept[0], full[0])
+                if bias:
+                    torch.testing.assert_close(kept[1], full[1])
+
+
 # ------------------------------------------------------------------- Conv1D and autocast
 def test_conv1d_layer_matches_equivalent_linear():
     from transformers.pytorch_utils import Conv1D
