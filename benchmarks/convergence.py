@@ -8,8 +8,9 @@ and epochs; only ``--optimizer`` and its learning rate (and the method's own fla
 Per epoch it records validation loss, validation loss with shuffled sources (the collapse
 check), validation BLEU and the training wall clock (evaluation excluded); at the end, BLEU and
 chrF on every test set. Writes ``curves.json`` and ``curves.png`` (loss and BLEU against epoch
-and against seconds) into ``--out``, and prints a table. ``--methods adamw:1e-3,adamw:3e-3,fngd:1e-2``
-picks methods and learning rates (a small sweep is one method listed with several rates).
+and against seconds) into ``--out``, and prints a table. ``--methods adamw:1e-3,adamw:3e-3,fngd:1e-2,fngd:1e-2:refreshed``
+picks methods, learning rates and variants (``VARIANT_FLAGS``); a small sweep is one method listed
+with several rates. Runs accumulate in ``curves.json`` across invocations (``--fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -51,20 +52,41 @@ METHOD_FLAGS = {
 }
 
 
-def parse_methods(text: str) -> list[tuple[str, str]]:
-    pairs = []
+# Ablations and variants: ``fngd:1e-2:refreshed`` adds these recipe flags to the method's own.
+VARIANT_FLAGS = {
+    "refreshed": ["--fngd_scale_mode", "refreshed"],  # rescale shared beta by tr(K_stored)/tr(K_new)
+    "fixed": ["--fngd_damping_mode", "fixed", "--fngd_damping", "1e-3", "--fngd_max_update_ratio", "none"],
+    "paper": ["--fngd_max_update_ratio", "none"],  # relative damping, no safeguard: the paper's setting
+    "trust0.03": ["--fngd_max_update_ratio", "0.03"],
+    "warmup": ["--warmup_steps", "0.05"],
+    "nowarmup": ["--warmup_steps", "0"],
+    "constant": ["--lr_scheduler_type", "constant"],  # the paper keeps the learning rate constant
+    "damping0.1": ["--fngd_damping", "0.1"],
+}
+
+
+def parse_methods(text: str) -> list[tuple[str, str, str]]:
+    """``name:lr[:variant]`` items, comma separated."""
+    runs = []
     for item in text.split(","):
-        name, _, lr = item.partition(":")
+        name, _, rest = item.partition(":")
+        lr, _, variant = rest.partition(":")
         if name not in METHOD_FLAGS:
             raise ValueError(f"unknown method {name!r}; choose from {sorted(METHOD_FLAGS)}")
         if not lr:
             raise ValueError(f"give a learning rate as {name}:LR")
-        pairs.append((name, lr))
-    return pairs
+        if variant and variant not in VARIANT_FLAGS:
+            raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANT_FLAGS)}")
+        runs.append((name, lr, variant))
+    return runs
 
 
-def run_method(name: str, lr: str, args, out: Path) -> dict:
-    run_dir = out / "runs" / f"{name}-lr{lr}"
+def run_label(record: dict) -> str:
+    return f"{record['method']} lr={record['lr']:g}" + (f" {record['variant']}" if record.get("variant") else "")
+
+
+def run_method(name: str, lr: str, args, out: Path, variant: str = "") -> dict:
+    run_dir = out / "runs" / (f"{name}-lr{lr}" + (f"-{variant}" if variant else ""))
     command = [
         sys.executable, str(REPO / "recipes" / "multi30k.py"),
         "--output_dir", str(run_dir),
@@ -73,13 +95,13 @@ def run_method(name: str, lr: str, args, out: Path) -> dict:
         "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "50",
         "--report_to", "none", "--source_check", "True", "--disable_tqdm", "True",
         *(["--data_dir", str(args.data_dir)] if args.data_dir else []),
-        *SETTINGS[args.setting], *METHOD_FLAGS[name], *args.extra,
+        *SETTINGS[args.setting], *METHOD_FLAGS[name], *VARIANT_FLAGS.get(variant, []), *args.extra,
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    record = {"method": name, "lr": float(lr), "command": " ".join(command[1:]), "returncode": code,
+    record = {"method": name, "lr": float(lr), "variant": variant, "command": " ".join(command[1:]), "returncode": code,
               "process_seconds": time.perf_counter() - start}
     state_file, results_file = run_dir / "trainer_state.json", run_dir / "results.json"
     if code != 0 or not state_file.exists():
@@ -114,7 +136,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     for record in records:
         if "epochs" not in record:
             continue
-        label = f"{record['method']} lr={record['lr']:g}"
+        label = run_label(record)
         epochs = [e["epoch"] for e in record["epochs"]]
         seconds = [e["train_seconds"] for e in record["epochs"]]
         axes[0, 0].plot(epochs, [e["val_loss"] for e in record["epochs"]], marker="o", label=label)
@@ -140,7 +162,9 @@ def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores ({cores} used, "
+            f"{torch.get_num_threads()} torch threads), {gpu}, torch {torch.__version__}")
 
 
 def main() -> None:
@@ -152,14 +176,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "convergence")
     parser.add_argument("extra", nargs="*", help="more recipe flags for every run (after --)")
+    parser.add_argument("--fresh", action="store_true", help="forget the runs already in --out/curves.json")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for name, lr in parse_methods(args.methods):
-        record = run_method(name, lr, args, args.out)
-        records.append(record)
+    # Runs accumulate in curves.json across invocations (a sweep can be split); same label = replaced.
+    previous = args.out / "curves.json"
+    records = [] if args.fresh or not previous.exists() else json.loads(previous.read_text())["runs"]
+    for name, lr, variant in parse_methods(args.methods):
+        record = run_method(name, lr, args, args.out, variant)
+        records = [r for r in records if run_label(r) != run_label(record)] + [record]
         last = record.get("epochs", [{}])[-1]
-        print(f"{name:<8} lr={lr:<7} val loss {last.get('val_loss', float('nan')):.3f}  val BLEU "
+        print(f"{run_label(record):<28} val loss {last.get('val_loss', float('nan')):.3f}  val BLEU "
               f"{last.get('val_bleu') or float('nan'):.2f}  source gap {last.get('source_gap') or float('nan'):.3f}  "
               f"test {json.dumps(record.get('test', {}))}  {record.get('error', '')[-300:]}", flush=True)
         summary = {"setting": args.setting, "machine": machine(), "recipe_flags": SETTINGS[args.setting], "runs": records}

@@ -13,6 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence import plot  # noqa: E402
 
 
+def name(run: dict) -> str:
+    return run["method"] + (f" ({run['variant']})" if run.get("variant") else "")
+
+
 def table(summary: dict) -> str:
     rows = [
         "| method | lr | val loss per epoch | val BLEU per epoch | shuffled-source gap (last) | train s | test-2016 BLEU | test-2016 chrF |",
@@ -20,7 +24,7 @@ def table(summary: dict) -> str:
     ]
     for run in summary["runs"]:
         if "epochs" not in run:
-            rows.append(f"| {run['method']} | {run['lr']:g} | failed (exit {run['returncode']}) | | | | | |")
+            rows.append(f"| {name(run)} | {run['lr']:g} | failed (exit {run['returncode']}) | | | | | |")
             continue
         epochs = run["epochs"]
         losses = " / ".join(f"{e['val_loss']:.2f}" for e in epochs)
@@ -28,7 +32,7 @@ def table(summary: dict) -> str:
         gap = epochs[-1].get("source_gap")
         test = run.get("test", {}).get("test_2016_flickr", {})
         rows.append(
-            f"| {run['method']} | {run['lr']:g} | {losses} | {bleus} | {gap:.2f} | {epochs[-1]['train_seconds']:.0f} | "
+            f"| {name(run)} | {run['lr']:g} | {losses} | {bleus} | {gap:.2f} | {epochs[-1]['train_seconds']:.0f} | "
             f"{test.get('bleu', float('nan')):.1f} | {test.get('chrf', float('nan')):.1f} |"
         )
     return "\n".join(rows)

@@ -32,8 +32,8 @@ class CWNGD(FNGD):
         norms = torch.linalg.matrix_norm(grams)
         damping_b = F.damping_times_batch(grams, group["damping"], group["damping_mode"], group["damping_floor"], norms)
         beta, damping_b = F.solve_coefficients(grams, damping_b)  # (o, B)
-        traces = grams.diagonal(dim1=-2, dim2=-1).sum(-1)
-        return beta.T.contiguous(), traces, damping_b, norms
+        diagonal = grams.diagonal(dim1=-2, dim2=-1).T  # (B, o): ‖row j of g_n‖²
+        return beta.T.contiguous(), diagonal, damping_b, norms
 
     def _trace(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
         return F.unit_gram_traces(x, delta, layer.has_bias, scale)

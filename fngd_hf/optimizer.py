@@ -12,6 +12,7 @@ from torch import nn
 from . import functional as F
 from .base import LayerwiseOptimizer
 from .capture import CapturedLayer
+from .sample_sharing import SampleIndex
 
 class FNGD(LayerwiseOptimizer):
     """Inverse-free fast natural gradient descent (Ou et al., 2024) with AdamW for the rest.
@@ -36,7 +37,11 @@ class FNGD(LayerwiseOptimizer):
 
     With ``share_coefficients=True`` the first ``steps_per_epoch`` steps compute and store
     ``β`` per (layer, step, micro-batch); step ``s`` after that reuses the ``β`` of step
-    ``s mod steps_per_epoch`` and computes no Gram matrix.
+    ``s mod steps_per_epoch`` and computes no Gram matrix (``share_by="position"``, the
+    paper's scheme). ``share_by="sample"`` instead stores ``β_n`` per training sample and gives
+    every sample the coefficient it got the first time it was seen; it needs the ids of each
+    micro-batch's samples (``opt.set_sample_ids(ids)`` before its backward; ``FNGDTrainer``
+    passes content hashes) and no epoch length.
 
     Keyword-only extras: ``gradient_accumulation_steps`` (micro-batches per step, sets the
     per-sample gradient scale), ``damping_floor`` (relative mode: ``λ >= damping_floor``),
@@ -44,7 +49,8 @@ class FNGD(LayerwiseOptimizer):
     for relative damping only), ``scale_mode`` (``"shared"``: reuse ``β`` as stored;
     ``"refreshed"``: rescale it by ``tr(K_stored)/tr(K_new)``), ``clip_update_norm``
     (global norm clip of the FNGD direction), ``stat_dtype`` (float32 or float64 for ``K`` and
-    the solve), ``gram_path`` (``"auto"``, ``"token"``, ``"per_sample"``).
+    the solve), ``gram_path`` (``"auto"``, ``"token"``, ``"per_sample"``), ``share_by``
+    (``"position"`` or ``"sample"``).
     """
 
     def __init__(
@@ -70,6 +76,7 @@ class FNGD(LayerwiseOptimizer):
         clip_update_norm: float | None = None,
         stat_dtype: torch.dtype = torch.float32,
         gram_path: str = "auto",
+        share_by: str = "position",
     ):
         if not damping > 0.0:
             raise ValueError(f"Invalid damping: {damping} (must be > 0)")
@@ -86,6 +93,8 @@ class FNGD(LayerwiseOptimizer):
             raise ValueError(f"Invalid stat_dtype: {stat_dtype} (float32 or float64)")
         if gram_path not in ("auto", "token", "per_sample"):
             raise ValueError(f"Invalid gram_path: {gram_path!r}")
+        if share_by not in ("position", "sample"):
+            raise ValueError(f"Invalid share_by: {share_by!r} (expected 'position' or 'sample')")
         self.steps_per_epoch = steps_per_epoch  # validates before any hook is attached
         super().__init__(
             model,
@@ -106,6 +115,12 @@ class FNGD(LayerwiseOptimizer):
         self.scale_mode = scale_mode
         self.stat_dtype = stat_dtype
         self.gram_path = gram_path
+        self.share_by = share_by
+        self._sample_index = SampleIndex()
+        self._next_sample_ids: list[int] | None = None  # from set_sample_ids, for the next micro-batch
+        self._sample_ids: dict[int, list[int]] = {}  # micro-batch index of this step -> its sample ids
+        self._sample_rows: dict[int, torch.Tensor | None] = {}  # per micro-batch: bank rows, None = unseen samples
+        self._incomplete_layers: set[str] = set()  # missed a store: always fresh coefficients (share_by="sample")
         self._host_sizes: dict[int, list[list[int]]] = {}  # host copies of coef_size, per layer
         self._pending: dict[int, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}  # per layer, per micro-batch
         self._fixed_accumulation_warned = False
@@ -122,9 +137,22 @@ class FNGD(LayerwiseOptimizer):
             raise ValueError(f"Invalid steps_per_epoch: {value} (a positive integer or None)")
         self._steps_per_epoch = None if value is None else int(value)
 
+    def set_sample_ids(self, ids) -> None:
+        """Ids of the samples of the next micro-batch, in batch order (``share_by="sample"``).
+
+        Call once per micro-batch, before its forward and backward: dataset indices, or
+        :func:`fngd_hf.sample_sharing.sample_keys` of its token ids. Each call serves exactly
+        one backward (a forgotten call is an error, not a silent reuse). Ignored otherwise.
+        """
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1 or ids.is_floating_point():
+                raise ValueError(f"sample ids must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        self._next_sample_ids = [int(i) for i in ids]
+
     # ---------------------------------------------------------------- backward-time maths
     def _sharing_slot(self) -> int | None:
-        if not self.share_coefficients:
+        if not self.share_coefficients or self.share_by == "sample":
             return None
         if self._steps_per_epoch is None:
             raise ValueError(
@@ -155,8 +183,11 @@ class FNGD(LayerwiseOptimizer):
         """Called from the layer's backward: the micro-batch's natural gradient, already averaged."""
         group = self.param_groups[0]
         micro = layer.micro_batches
-        layer.micro_batches += 1
         batch = x.shape[0]
+        by_sample = self.share_coefficients and self.share_by == "sample"
+        if by_sample:
+            self._micro_batch_ids(micro, batch)  # raises before any state changes if the ids are missing
+        layer.micro_batches += 1
         accumulation = self._accumulation
         scale = float(batch * accumulation)  # g_n = B_total · (sample n's contribution)
         slot = self._sharing_slot()
@@ -166,6 +197,8 @@ class FNGD(LayerwiseOptimizer):
             stored = self._stored_coefficients(layer, slot, micro, batch)
             if stored is None and self._slot_filled(layer, slot, micro):
                 bank_slot = None  # keep the first epoch's beta; this odd-sized batch is one-off
+        if by_sample:
+            stored = self._stored_sample_coefficients(layer, micro, batch, x.device)
         tokens = None
         if stored is not None:
             beta, stored_trace = stored
@@ -180,12 +213,14 @@ class FNGD(LayerwiseOptimizer):
             # the extra host sync per layer would cost more than it saves there (host-bound steps).
             if x.device.type == "cpu" and x.shape[1] > 1:
                 tokens = F.kept_tokens(x.detach(), delta.detach())
-            beta, trace, damping_b, gram_norm = self._fresh_coefficients(
+            beta, diagonal, damping_b, gram_norm = self._fresh_coefficients(
                 layer, self._stats(x), self._stats(delta), scale, group, tokens
             )
-            if bank_slot is not None:
+            if by_sample:
+                self._pending.setdefault(id(layer), []).append((None, micro, beta.detach().float(), diagonal.detach().float()))
+            elif bank_slot is not None:
                 self._pending.setdefault(id(layer), []).append(
-                    (bank_slot, micro, beta.detach().float(), trace.detach().float())
+                    (bank_slot, micro, beta.detach().float(), diagonal.detach().float().sum(0))
                 )
             # Kept as tensors: no host sync here; step() and diagnostics() read them once.
             self._diag["damping"] = self._diag["damping"] + damping_b.detach().float().mean() / batch
@@ -207,12 +242,12 @@ class FNGD(LayerwiseOptimizer):
     def _fresh_coefficients(
         self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float, group: dict, tokens=None
     ):
-        """``(β, trace(K), λB, ‖K‖_F)`` of one layer and micro-batch; ``tokens`` from ``F.kept_tokens``."""
+        """``(β, diag(K), λB, ‖K‖_F)`` of one layer and micro-batch; ``tokens`` from ``F.kept_tokens``."""
         gram = F.gram_matrix(x, delta, layer.has_bias, scale, self._gram_path(x), tokens)
         norm = torch.linalg.matrix_norm(gram)
         damping_b = F.damping_times_batch(gram, group["damping"], group["damping_mode"], group["damping_floor"], norm)
         beta, damping_b = F.solve_coefficients(gram, damping_b)
-        return beta, gram.diagonal().sum(), damping_b, norm
+        return beta, gram.diagonal(), damping_b, norm
 
     def _gram_path(self, x: torch.Tensor) -> str:
         # Measured (benchmarks/step_time.py --micro): on GPUs the token Gram is as fast or faster for
@@ -227,6 +262,14 @@ class FNGD(LayerwiseOptimizer):
     def _check_ready(self) -> None:
         if self.share_coefficients and self._layers:
             self._sharing_slot()  # raises the explanatory error before anything changes
+
+    @staticmethod
+    def _missing_ids_message() -> str:
+        return (
+            "share_by='sample' needs the ids of every micro-batch's samples: call opt.set_sample_ids(ids) "
+            "(dataset indices, or fngd_hf.sample_sharing.sample_keys(input_ids, labels)) before each "
+            "backward, or use FNGDTrainer, which does it."
+        )
 
     def _accumulation_correction(self, layer: CapturedLayer, group: dict) -> float:
         """Factor fixing ``d`` when the micro-batch count differs from the declared one."""
@@ -248,13 +291,18 @@ class FNGD(LayerwiseOptimizer):
         return declared / observed
 
     # -------------------------------------------------------------------- coefficient bank
-    _float32_state_keys = ("coef_bank", "coef_size", "coef_trace")
+    _float32_state_keys = ("coef_bank", "coef_size", "coef_trace", "coef_sample", "coef_sample_diag")
 
     def _discard_staged(self) -> None:
         self._pending.clear()
+        self._sample_ids.clear()
+        self._sample_rows.clear()
 
     def _after_step(self) -> None:
         """Store the coefficients staged by this step's backward (never those of a skipped step)."""
+        if self.share_by == "sample":
+            self._store_by_sample()
+            return
         period = self._steps_per_epoch
         for layer in self._layers:
             for slot, micro, beta, trace in self._pending.get(id(layer), ()):
@@ -291,6 +339,96 @@ class FNGD(LayerwiseOptimizer):
         self._host_sizes.pop(id(layer), None)  # re-read once on next use
         state["coef_trace"][slot, micro] = trace
 
+    # ------------------------------------------------------------- bank by sample (share_by)
+    def _micro_batch_ids(self, micro: int, batch: int) -> list[int]:
+        if micro not in self._sample_ids:  # the first layer of this micro-batch's backward binds the ids
+            if self._next_sample_ids is None:
+                raise ValueError(self._missing_ids_message())
+            self._sample_ids[micro], self._next_sample_ids = self._next_sample_ids, None
+        ids = self._sample_ids[micro]
+        if len(ids) != batch:
+            raise ValueError(
+                f"set_sample_ids got {len(ids)} ids for micro-batch {micro}, but the managed layers see "
+                f"{batch} samples (the first dimension of their input)"
+            )
+        return ids
+
+    def _stored_sample_coefficients(self, layer: CapturedLayer, micro: int, batch: int, device):
+        """``(β, Σ stored diag K)`` of this micro-batch's samples if all were seen before, else ``None``."""
+        ids = self._micro_batch_ids(micro, batch)
+        if micro not in self._sample_rows:  # looked up once per micro-batch, for every layer
+            rows = self._sample_index.rows(ids)
+            self._sample_rows[micro] = None if rows is None else torch.tensor(rows, device=device)
+        rows = self._sample_rows[micro]
+        if rows is None or layer.name in self._incomplete_layers:
+            return None
+        state = self.state[layer.weight]
+        return state["coef_sample"].index_select(0, rows), state["coef_sample_diag"].index_select(0, rows).sum(0)
+
+    def _store_by_sample(self) -> None:
+        """Give the samples first seen in this step their rows and coefficients, in every layer."""
+        staged = [self._pending.get(id(layer)) for layer in self._layers]
+        if not any(staged):
+            return
+        micros = sorted(self._sample_ids)
+        ids = [key for micro in micros for key in self._sample_ids[micro]]
+        per_layer = []
+        for layer, entries in zip(self._layers, staged):
+            if not entries or sorted(e[1] for e in entries) != micros:
+                per_layer.append(None)  # e.g. a layer that did not run: it cannot serve these samples
+                continue
+            entries = sorted(entries, key=lambda entry: entry[1])
+            per_layer.append((torch.cat([e[2] for e in entries]), torch.cat([e[3] for e in entries])))
+        ids, per_layer = self._gather_across_ranks(ids, per_layer)
+        positions, rows = self._sample_index.add(ids)
+        if not positions:
+            return
+        for layer, values in zip(self._layers, per_layer):
+            if values is None:
+                self._incomplete_layers.add(layer.name)
+                continue
+            beta, diagonal = values
+            state = self.state[layer.weight]
+            needed = len(self._sample_index)
+            for key, value in (("coef_sample", beta), ("coef_sample_diag", diagonal)):
+                bank = state.get(key)
+                if bank is None or bank.shape[0] < needed:  # grow geometrically: O(1) amortised per sample
+                    grown = value.new_zeros(max(needed, 2 * (0 if bank is None else bank.shape[0])), *value.shape[1:])
+                    if bank is not None:
+                        grown[: bank.shape[0]] = bank
+                    state[key] = bank = grown
+                index = torch.tensor(positions, device=value.device)
+                bank[torch.tensor(rows, device=value.device)] = value.index_select(0, index)
+
+    def _gather_across_ranks(self, ids: list[int], per_layer: list):
+        """Under DDP every rank stores every rank's samples, so a sample keeps its β on any rank later."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return ids, per_layer
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return ids, per_layer
+        gathered_ids: list = [None] * world
+        torch.distributed.all_gather_object(gathered_ids, ids)
+        present = [values is not None for values in per_layer]
+        gathered_present: list = [None] * world
+        torch.distributed.all_gather_object(gathered_present, present)
+        everywhere = [all(flags) for flags in zip(*gathered_present)]
+        width = max(len(rank_ids) for rank_ids in gathered_ids)
+        merged = []
+        for values, keep in zip(per_layer, everywhere):
+            if not keep:
+                merged.append(None)
+                continue
+            parts = []
+            for tensor in values:
+                padded = tensor.new_zeros(width, *tensor.shape[1:])
+                padded[: tensor.shape[0]] = tensor
+                chunks = [torch.empty_like(padded) for _ in range(world)]
+                torch.distributed.all_gather(chunks, padded)
+                parts.append(torch.cat([c[: len(r)] for c, r in zip(chunks, gathered_ids)]))
+            merged.append(tuple(parts))
+        return [key for rank_ids in gathered_ids for key in rank_ids], merged
+
     # ------------------------------------------------------------------------ diagnostics
     @staticmethod
     def _empty_diagnostics() -> dict[str, float]:
@@ -314,9 +452,14 @@ class FNGD(LayerwiseOptimizer):
             "steps_per_epoch": self._steps_per_epoch,
             "share_coefficients": self.share_coefficients,
             "scale_mode": self.scale_mode,
+            "share_by": self.share_by,
+            "sample_ids": self._sample_index.to_tensor(),
+            "incomplete_layers": sorted(self._incomplete_layers),
         }
 
     def _load_extra_state(self, extra: dict) -> None:
         self._host_sizes.clear()
+        self._sample_index = SampleIndex(extra.get("sample_ids"))
+        self._incomplete_layers = set(extra.get("incomplete_layers", ()))
         if extra.get("steps_per_epoch") is not None:
             self.steps_per_epoch = extra["steps_per_epoch"]

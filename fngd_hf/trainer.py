@@ -34,6 +34,7 @@ from .base import LayerwiseOptimizer
 from .cwngd import CWNGD
 from .kfac import KFAC
 from .optimizer import FNGD
+from .sample_sharing import sample_keys
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,15 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         default=True,
         metadata={"help": "Reuse the first epoch's coefficients in later epochs (ignored for optimizer=ngd)."},
     )
+    fngd_share_by: str = field(
+        default="position",
+        metadata={
+            "help": "position: step s of a later epoch reuses the coefficients of step s of the first epoch (the "
+            "paper); sample: every training sample keeps the coefficient it got when first seen (the trainer "
+            "identifies samples by a hash of their token ids).",
+            "choices": ["position", "sample"],
+        },
+    )
     fngd_scale_mode: str = field(
         default="shared",
         metadata={
@@ -175,6 +185,8 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"Invalid fngd_momentum: {self.fngd_momentum} (must be in [0, 1))")
         if self.fngd_weight_decay < 0.0:
             raise ValueError(f"Invalid fngd_weight_decay: {self.fngd_weight_decay} (must be >= 0)")
+        if self.fngd_share_by not in ("position", "sample"):
+            raise ValueError(f"Invalid fngd_share_by: {self.fngd_share_by!r} (expected 'position' or 'sample')")
         if self.fngd_scale_mode not in ("shared", "refreshed"):
             raise ValueError(f"Invalid fngd_scale_mode: {self.fngd_scale_mode!r} (expected 'shared' or 'refreshed')")
         self.fngd_max_update_ratio = _parse_ratio(self.fngd_max_update_ratio)
@@ -381,6 +393,7 @@ class FNGDTrainer(Seq2SeqTrainer):
             damping_floor=self._arg("fngd_damping_floor"),
             max_update_ratio=ratio,
             scale_mode=self._arg("fngd_scale_mode"),
+            share_by=self._arg("fngd_share_by"),
             clip_update_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
             stat_dtype=STAT_DTYPES[self._arg("fngd_stat_dtype")],
         )
@@ -422,6 +435,9 @@ class FNGDTrainer(Seq2SeqTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         # current_gradient_accumulation_steps is the micro-batch count of this step (the remainder at an epoch's end).
         self._configure_fngd()
+        opt = self.fngd_optimizer
+        if isinstance(opt, FNGD) and opt.share_coefficients and opt.share_by == "sample":
+            opt.set_sample_ids(_batch_sample_keys(inputs))
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -525,6 +541,16 @@ class FNGDTrainer(Seq2SeqTrainer):
         path = os.path.join(checkpoint, _RANK_BANK_FILE.format(rank=self.args.process_index))
         if self.args.world_size > 1 and os.path.isfile(path):
             _restore_banks(opt, torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _batch_sample_keys(inputs) -> torch.Tensor:
+    """Content keys of a batch's samples (source ids under the attention mask, plus labels) for share_by='sample'."""
+    input_ids = inputs.get("input_ids")
+    if input_ids is None:
+        raise ValueError("fngd_share_by='sample' identifies samples by their 'input_ids'; this batch has none")
+    labels = inputs.get("labels")
+    labels = labels if isinstance(labels, torch.Tensor) and labels.dim() == 2 else None
+    return sample_keys(input_ids, labels, masks=(inputs.get("attention_mask"), None))
 
 
 def _local_banks(opt: FNGD) -> dict[int, dict[str, torch.Tensor]]:

@@ -4,8 +4,9 @@
 
 (without ACCELERATE_USE_CPU=1 both processes silently run as rank 0 of 1.) Trains a tiny BART for
 3 epochs (GA 2, sharing on, checkpoints every 2 steps), then resumes a second trainer from a
-checkpoint in the shared phase. Each rank writes ``OUT_DIR/rank{r}.json``: world size, losses,
-a SHA-256 of its final parameters for both runs, and a checksum of its own coefficient bank.
+checkpoint in the shared phase, then trains once more with ``fngd_share_by="sample"``. Each rank
+writes ``OUT_DIR/rank{r}.json``: world size, losses, SHA-256 digests of its final parameters and
+checksums of its coefficient banks.
 """
 
 import hashlib
@@ -42,12 +43,13 @@ def digest(model) -> str:
     return h.hexdigest()
 
 
-def run(out: Path, resume: str | None = None) -> FNGDTrainer:
-    args = FNGDTrainingArguments(
+def run(out: Path, resume: str | None = None, **overrides) -> FNGDTrainer:
+    settings = dict(
         output_dir=str(out / "run"), optimizer="fngd", use_cpu=True, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, num_train_epochs=3, learning_rate=1e-2, logging_steps=4,
         save_strategy="steps", save_steps=2, report_to=[], disable_tqdm=True, seed=0,
     )
+    args = FNGDTrainingArguments(**{**settings, **overrides})
     trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32))
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -61,6 +63,10 @@ def main() -> None:
     bank = sum(float(s["coef_bank"].double().sum()) for s in opt.state.values() if "coef_bank" in s)
     # 16 samples per rank / batch 2 = 8 batches / GA 2 = 4 steps per epoch: checkpoint-6 is mid-epoch 2.
     resumed = run(out / "resumed", resume=str(out / "run" / "checkpoint-6"))
+    # Sharing by sample: every rank stores every rank's samples (the sampler moves samples between ranks).
+    by_sample = run(out / "by_sample", fngd_share_by="sample", save_strategy="no")
+    sample_opt = by_sample.fngd_optimizer
+    sample_bank = sum(float(s["coef_sample"].double().sum()) for s in sample_opt.state.values() if "coef_sample" in s)
     record = {
         "world_size": state.num_processes,
         "rank": state.process_index,
@@ -72,6 +78,10 @@ def main() -> None:
         "resumed_params": digest(resumed.model),
         "bank_checksum": bank,
         "fresh_fraction": [r.get("fngd/fresh_fraction") for r in full.state.log_history if "loss" in r],
+        "by_sample_params": digest(by_sample.model),
+        "by_sample_rows": len(sample_opt._sample_index),
+        "by_sample_bank_checksum": sample_bank,
+        "by_sample_fresh_fraction": [r.get("fngd/fresh_fraction") for r in by_sample.state.log_history if "loss" in r],
     }
     (out / f"rank{state.process_index}.json").write_text(json.dumps(record))
 

@@ -41,3 +41,8 @@ def test_two_rank_ddp_training(tmp_path):
     assert ranks[0]["fresh_fraction"][-1] == 0.0  # the third epoch reuses the coefficients
     # Resuming from a checkpoint in the shared phase restores each rank's own bank: exactly the same run.
     assert ranks[0]["resumed_params"] == ranks[0]["params"] == ranks[1]["resumed_params"]
+    # Sharing by sample: both ranks hold all 32 samples' coefficients (gathered), the same on both.
+    assert ranks[0]["by_sample_params"] == ranks[1]["by_sample_params"]
+    assert ranks[0]["by_sample_rows"] == ranks[1]["by_sample_rows"] == 32
+    assert ranks[0]["by_sample_bank_checksum"] == ranks[1]["by_sample_bank_checksum"]
+    assert ranks[0]["by_sample_fresh_fraction"][-1] == 0.0  # samples seen on the other rank are shared too

@@ -190,6 +190,43 @@ def test_every_accumulated_micro_batch_is_shared_in_the_second_epoch(tmp_path):
     assert fresh == [1.0, 1.0, 0.0, 0.0]
 
 
+def test_sharing_by_sample_in_the_trainer_and_resume(tmp_path):
+    """share_by='sample': the trainer passes content keys; from epoch 2 on no Gram matrix; resume is exact."""
+    def run(output_dir, resume=None):
+        args = make_args(
+            tmp_path, output_dir=str(output_dir), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+            num_train_epochs=3, save_strategy="steps", save_steps=3, logging_steps=1, fngd_share_by="sample",
+        )
+        trainer = FNGDTrainer(model=tiny_bart(seed=2), args=args, train_dataset=CopyTask(16))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full")
+    opt = full.fngd_optimizer
+    assert opt.share_by == "sample" and len(opt._sample_index) == 16  # every training sample has its row
+    fresh = [r["fngd/fresh_fraction"] for r in full.state.log_history if "fngd/fresh_fraction" in r]
+    assert fresh == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]  # the shuffled later epochs reuse each sample's beta
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-3"))  # mid-epoch 2
+    a, b = params_of(full.model), params_of(resumed.model)
+    assert max(float((a[n] - b[n]).abs().max()) for n in a) < 1e-6
+
+
+def test_sample_keys_ignore_padding_and_tell_samples_apart():
+    from fngd_hf.sample_sharing import sample_keys
+
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 0], [7, 6, 5, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    labels = torch.tensor([[9, 9, -100], [9, 9, -100], [9, 9, -100]])
+    keys = sample_keys(ids, labels, masks=(mask, None))
+    assert len(set(keys.tolist())) == 3  # same source tokens in another order or one more token: other keys
+    shorter = sample_keys(ids[:, :4], labels[:, :2], masks=(mask[:, :4], None))  # the same pairs padded less
+    assert torch.equal(shorter, keys)
+    swapped = sample_keys(labels[:, :2].clamp(min=0), ids[:, :3])  # source and target do not commute
+    assert not torch.equal(swapped[:1], sample_keys(ids[:, :3], labels[:, :2])[:1])
+    with pytest.raises(ValueError, match="batch"):
+        sample_keys(ids, labels[:2])
+
+
 def test_diagnostics_are_logged(tmp_path):
     args = make_args(tmp_path, max_steps=4, logging_steps=2)
     trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32))
