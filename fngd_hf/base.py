@@ -116,6 +116,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._capture_enabled = True
         self._finite: torch.Tensor | None = None  # every direction finite since the last step
         self._bypassed_warned: set[str] = set()
+        self._trust_clipped: torch.Tensor | float = 0.0  # sum over steps of the share of layers the trust region shrank
+        self._trust_steps = 0
         self._layers: list[CapturedLayer] = [
             attach(name, module, self._layer_gradient, lambda: self._capture_enabled)
             for name, module in modules.items()
@@ -168,6 +170,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _discard_staged(self) -> None:
         """Forget what the backward staged (called after every step, applied or skipped)."""
+
+    def trust_region_diagnostics(self, prefix: str = "fngd") -> dict[str, float]:
+        """Share of (layer, step) pairs whose update the trust region shrank since the last call; then reset."""
+        if not self._trust_steps:
+            return {}
+        clipped = float(self._trust_clipped) / self._trust_steps
+        self._trust_clipped, self._trust_steps = 0.0, 0
+        return {f"{prefix}/trust_clipped": clipped}
 
     def _note_finite(self, tensor: torch.Tensor) -> None:
         finite = torch.isfinite(tensor).all()
@@ -263,6 +273,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             shrink = torch.clamp(ratio * layer_p / (lr * layer_d).clamp(min=1e-30), max=1.0)
             shrink = torch.where(layer_p > 0, shrink, torch.ones_like(shrink))
             scales = shrink[owner_index]
+            # Kept as a tensor (no host sync); trust_region_diagnostics() reads it.
+            self._trust_clipped = self._trust_clipped + (shrink < 1.0).float().mean()
+            self._trust_steps += 1
         if self.clip_update_norm is not None:
             total = (scales * direction_norms).square().sum().sqrt()
             scales = scales * torch.clamp(self.clip_update_norm / total.clamp(min=1e-30), max=1.0)

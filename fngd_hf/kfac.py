@@ -332,7 +332,7 @@ class KFAC(LayerwiseOptimizer):
 
     # ------------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, float]:
-        return {"kfac/skipped_steps": float(self.skipped_steps)}
+        return {"kfac/skipped_steps": float(self.skipped_steps), **self.trust_region_diagnostics("kfac")}
 
     # -------------------------------------------------------------------------- state dict
     def _extra_state(self) -> dict:

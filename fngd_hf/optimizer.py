@@ -435,7 +435,11 @@ class FNGD(LayerwiseOptimizer):
         return {"damping": 0.0, "gram_norm": 0.0, "fresh": 0, "shared": 0}
 
     def diagnostics(self) -> dict[str, float]:
-        """Means over the layer-micro-batches since the last call, then reset."""
+        """Means over the layer-micro-batches since the last call, then reset.
+
+        ``fngd/trust_clipped`` (with a trust region): the share of (layer, step) pairs whose update
+        the trust region shrank.
+        """
         diag, self._diag = self._diag, self._empty_diagnostics()
         fresh, total = diag["fresh"], diag["fresh"] + diag["shared"]
         return {
@@ -443,6 +447,7 @@ class FNGD(LayerwiseOptimizer):
             "fngd/gram_norm": float(diag["gram_norm"]) / fresh if fresh else math.nan,
             "fngd/fresh_fraction": fresh / total if total else math.nan,
             "fngd/skipped_steps": float(self.skipped_steps),
+            **self.trust_region_diagnostics("fngd"),
         }
 
 

@@ -368,6 +368,7 @@ class SNGD(LayerwiseOptimizer):
             "sngd/damping": diag["damping"] / refreshes if refreshes else math.nan,
             "sngd/refreshes": float(refreshes),
             "sngd/skipped_steps": float(self.skipped_steps),
+            **self.trust_region_diagnostics("sngd"),
         }
 
     # -------------------------------------------------------------------------- state dict

@@ -257,6 +257,30 @@ def test_layer_with_zero_output_gradient_gets_zero_update():
     assert torch.equal(before, model[0].weight)
 
 
+@pytest.mark.parametrize("lr, clipped", [(100.0, 1.0), (1e-6, 0.0)])
+def test_trust_region_bounds_each_layer_move(lr, clipped):
+    """lr·‖d‖ > ratio·‖[W|b]‖ moves the layer by exactly ratio·‖[W|b]‖ along d; smaller moves are untouched."""
+    ratio = 0.02
+    model, reference = make_mlp(seed=3, dtype=torch.float64), make_mlp(seed=3, dtype=torch.float64)
+    opt = FNGD(model, lr=lr, momentum=0.0, share_coefficients=False, max_update_ratio=ratio, stat_dtype=torch.float64)
+    free = FNGD(reference, lr=lr, momentum=0.0, share_coefficients=False, max_update_ratio=None, stat_dtype=torch.float64)
+    x, y = mlp_batch(4, dtype=torch.float64)
+    before = [torch.cat([m.weight.detach().flatten(), m.bias.detach()]) for m in (model[0], model[3])]
+    for net, optimizer in ((model, opt), (reference, free)):
+        nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    for index, layer in enumerate((0, 3)):
+        moved = torch.cat([model[layer].weight.detach().flatten(), model[layer].bias.detach()]) - before[index]
+        unclipped = torch.cat([reference[layer].weight.detach().flatten(), reference[layer].bias.detach()]) - before[index]
+        if clipped:
+            assert float(moved.norm()) == pytest.approx(ratio * float(before[index].norm()), rel=1e-6)  # norms in float32
+            torch.testing.assert_close(moved / moved.norm(), unclipped / unclipped.norm())
+        else:
+            torch.testing.assert_close(moved, unclipped)
+    assert opt.diagnostics()["fngd/trust_clipped"] == clipped
+    assert "fngd/trust_clipped" not in free.diagnostics()
+
+
 def test_indefinite_system_raises_damping_instead_of_crashing():
     # Rounding can make K slightly indefinite: Cholesky retries with more damping.
     gram = torch.tensor([[1.0, 1.0], [1.0, 1.0 - 1e-6]])
