@@ -32,7 +32,8 @@ SETTINGS = {
     "cpu": ["--preset", "small", "--d_model", "128", "--ffn_dim", "512", "--attention_heads", "4",
             "--encoder_layers", "2", "--decoder_layers", "2", "--max_train_samples", "10000",
             "--max_eval_samples", "500", "--max_predict_samples", "500", "--num_train_epochs", "4",
-            "--vocab_size", "6000", "--beam_size", "1", "--per_device_eval_batch_size", "128"],
+            "--vocab_size", "6000", "--beam_size", "1", "--per_device_eval_batch_size", "128",
+            "--test_splits", "test_2016_flickr"],
     # The paper's Transformer (d_model 512, FFN 2048, 8 heads, 6+6 layers) on full Multi30K.
     "gpu": ["--preset", "paper", "--num_train_epochs", "10", "--bf16", "--per_device_eval_batch_size", "256"],
 }
@@ -62,6 +63,8 @@ VARIANT_FLAGS = {
     "nowarmup": ["--warmup_steps", "0"],
     "constant": ["--lr_scheduler_type", "constant"],  # the paper keeps the learning rate constant
     "damping0.1": ["--fngd_damping", "0.1"],
+    "by_sample": ["--fngd_share_by", "sample"],  # each sample keeps its first-epoch coefficient
+    "adamw_lr1e-3": ["--fngd_adamw_lr", "1e-3"],  # the AdamW part (embeddings, LayerNorm) at AdamW's own lr
 }
 
 

@@ -52,6 +52,9 @@ class DataArguments:
     max_train_samples: int | None = None
     max_eval_samples: int | None = field(default=None, metadata={"help": "cap on validation examples"})
     max_predict_samples: int | None = field(default=None, metadata={"help": "cap on examples of each test split"})
+    test_splits: list[str] | None = field(
+        default=None, metadata={"help": "test splits to translate at the end (default: every one present)"}
+    )
     max_source_length: int = 128
     max_target_length: int = 128
     vocab_size: int = field(default=8000, metadata={"help": "joint BPE vocabulary size (ignored with tokenizer_name)"})
@@ -234,10 +237,21 @@ def one_line(text: str) -> str:
     return " ".join(text.split("\n"))
 
 
+def chosen_test_splits(raw, wanted: list[str] | None) -> list[str]:
+    """``--test_splits`` (default: every test split present), checked against what the data has."""
+    present = test_split_names(raw)
+    if wanted is None:
+        return present
+    missing = [name for name in wanted if name not in present]
+    if missing:
+        raise ValueError(f"--test_splits {missing} not in the data; present: {present}")
+    return list(wanted)
+
+
 def evaluate_test_splits(trainer, tokenized, raw, data_args, model_args, output_dir: Path) -> dict:
-    """Beam-search translate every test split, score against raw references, write predictions."""
+    """Beam-search translate the chosen test splits, score against raw references, write predictions."""
     results = {}
-    for split in test_split_names(raw):
+    for split in chosen_test_splits(raw, data_args.test_splits):
         output = trainer.predict(
             tokenized[split], metric_key_prefix=split,
             num_beams=model_args.beam_size, max_length=model_args.max_generation_length,
@@ -288,6 +302,8 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
             max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
             max_test_samples=data_args.max_predict_samples,
         )
+    if training_args.do_predict:
+        chosen_test_splits(raw, data_args.test_splits)  # a wrong name fails now, not after training
     output_dir.mkdir(parents=True, exist_ok=True)
     with training_args.main_process_first(desc="tokenizer"):
         tokenizer = get_tokenizer(data_args, raw["train"], str(output_dir), checkpoint, training_args.local_process_index == 0)

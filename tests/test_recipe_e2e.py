@@ -184,6 +184,18 @@ def test_push_to_hub_and_resume_in_process(tmp_path, data_dir, monkeypatch, capl
     assert meta["model-index"][0]["name"] == "me/m30k-tiny"
 
 
+def test_test_splits_are_chosen_and_checked():
+    import datasets
+
+    recipe = load_recipe_module()
+    empty = datasets.Dataset.from_dict({"en": [], "de": []})
+    raw = datasets.DatasetDict(train=empty, validation=empty, test_2016_flickr=empty, test_2017_mscoco=empty)
+    assert recipe.chosen_test_splits(raw, None) == ["test_2016_flickr", "test_2017_mscoco"]
+    assert recipe.chosen_test_splits(raw, ["test_2017_mscoco"]) == ["test_2017_mscoco"]
+    with pytest.raises(ValueError, match="test_2018_flickr"):
+        recipe.chosen_test_splits(raw, ["test_2018_flickr"])
+
+
 def test_config_file_with_flag_overrides(tmp_path):
     recipe = load_recipe_module()
     config = tmp_path / "config.yaml"
