@@ -109,26 +109,28 @@ def main() -> None:
     tokenizer = train_tokenizer(pairs, 2000)
     val_batches = list(batches(read_pairs(args.data_dir, "val", 512), tokenizer, 64, None))
 
-    def fngd(**kw):
-        return lambda model, p: FNGD(model, steps_per_epoch=p, **kw)
+    def fngd(bound=None, share=True, **kw):
+        # "trust X" in a run name: a step moves a layer by at most X of its norm, i.e. trust_ratio = X / lr.
+        kw.setdefault("trust_ratio", None if bound is None else bound / kw["lr"])
+        return lambda model, p: FNGD(model, steps_per_epoch=p, share_coefficients=share, **kw)
 
     runs = {
         "adamw lr=1e-3": lambda model, p: torch.optim.AdamW(model.parameters(), lr=1e-3),
         "adamw lr=3e-3": lambda model, p: torch.optim.AdamW(model.parameters(), lr=3e-3),
-        "fngd relative g=1 lr=1e-3 (paper: no safeguard)": fngd(lr=1e-3, damping=1.0, max_update_ratio=None),
-        "fngd relative g=1 lr=1e-2 (paper: no safeguard)": fngd(lr=1e-2, damping=1.0, max_update_ratio=None),
-        "fngd relative g=1 lr=1e-3 trust 0.1": fngd(lr=1e-3, damping=1.0, max_update_ratio=0.1),
-        "fngd relative g=1 lr=1e-2 trust 0.01": fngd(lr=1e-2, damping=1.0, max_update_ratio=0.01),
-        "fngd relative g=1 lr=1e-3 floor 1e-3": fngd(lr=1e-3, damping=1.0, max_update_ratio=None, damping_floor=1e-3),
+        "fngd relative g=1 lr=1e-3 (paper: no safeguard)": fngd(lr=1e-3, damping=1.0, trust_ratio=None),
+        "fngd relative g=1 lr=1e-2 (paper: no safeguard)": fngd(lr=1e-2, damping=1.0, trust_ratio=None),
+        "fngd relative g=1 lr=1e-3 trust 0.1": fngd(lr=1e-3, damping=1.0, bound=0.1),
+        "fngd relative g=1 lr=1e-2 trust 0.01": fngd(lr=1e-2, damping=1.0, bound=0.01),
+        "fngd relative g=1 lr=1e-3 floor 1e-3": fngd(lr=1e-3, damping=1.0, trust_ratio=None, damping_floor=1e-3),
         "fngd fixed l=1e-3 lr=1e-3": fngd(lr=1e-3, damping=1e-3, damping_mode="fixed"),
         "fngd fixed l=1e-2 lr=1e-2 adamw 1e-3": fngd(lr=1e-2, damping=1e-2, damping_mode="fixed", adamw_lr=1e-3),
         "adamw lr=1e-2": lambda model, p: torch.optim.AdamW(model.parameters(), lr=1e-2),
-        "fngd relative g=1 lr=3e-2 trust 0.01": fngd(lr=3e-2, damping=1.0, max_update_ratio=0.01),
-        "fngd relative g=1 lr=3e-2 trust 0.003": fngd(lr=3e-2, damping=1.0, max_update_ratio=0.003),
-        "fngd relative g=1 lr=1e-2 trust 0.01 adamw 3e-3": fngd(lr=1e-2, damping=1.0, max_update_ratio=0.01, adamw_lr=3e-3),
-        "fngd relative g=1 lr=1e-2 trust 0.01 refreshed": fngd(lr=1e-2, damping=1.0, max_update_ratio=0.01, scale_mode="refreshed"),
-        "ngd relative g=1 lr=1e-2 trust 0.01": lambda model, p: FNGD(model, lr=1e-2, damping=1.0, max_update_ratio=0.01, share_coefficients=False),
-        "fngd relative g=0.1 lr=1e-2 trust 0.01": fngd(lr=1e-2, damping=0.1, max_update_ratio=0.01),
+        "fngd relative g=1 lr=3e-2 trust 0.01": fngd(lr=3e-2, damping=1.0, bound=0.01),
+        "fngd relative g=1 lr=3e-2 trust 0.003": fngd(lr=3e-2, damping=1.0, bound=0.003),
+        "fngd relative g=1 lr=1e-2 trust 0.01 adamw 3e-3": fngd(lr=1e-2, damping=1.0, bound=0.01, adamw_lr=3e-3),
+        "fngd relative g=1 lr=1e-2 trust 0.01 refreshed": fngd(lr=1e-2, damping=1.0, bound=0.01, scale_mode="refreshed"),
+        "ngd relative g=1 lr=1e-2 trust 0.01": fngd(lr=1e-2, damping=1.0, bound=0.01, share=False),
+        "fngd relative g=0.1 lr=1e-2 trust 0.01": fngd(lr=1e-2, damping=0.1, bound=0.01),
     }
     if args.only:
         keys = args.only.split(",")

@@ -35,6 +35,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     """Base class: hooks, AdamW groups, the step skeleton and its safeguards, extra state."""
 
     name = "layerwise"
+    # torch.amp.GradScaler then hands its scale to step() (as `grad_scale`) instead of unscaling
+    # .grad itself, which lets step() refuse: the scaled output gradients already entered K.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -49,7 +52,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         adamw_eps: float,
         adamw_weight_decay: float,
         gradient_accumulation_steps: int,
-        max_update_ratio: float | None,
+        trust_ratio: float | None,
         clip_update_norm: float | None,
         group_options: dict,
     ):
@@ -70,8 +73,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid adamw_eps: {adamw_eps}")
         if adamw_weight_decay < 0.0:
             raise ValueError(f"Invalid adamw_weight_decay: {adamw_weight_decay}")
-        if max_update_ratio is not None and not max_update_ratio > 0.0:
-            raise ValueError(f"Invalid max_update_ratio: {max_update_ratio}")
+        if trust_ratio is not None and not trust_ratio > 0.0:
+            raise ValueError(f"Invalid trust_ratio: {trust_ratio}")
         if clip_update_norm is not None and not clip_update_norm > 0.0:
             raise ValueError(f"Invalid clip_update_norm: {clip_update_norm}")
 
@@ -90,7 +93,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     lr=lr,
                     momentum=momentum,
                     weight_decay=weight_decay,
-                    max_update_ratio=max_update_ratio,
+                    trust_ratio=trust_ratio,
                     **group_options,
                 )
             )
@@ -145,8 +148,21 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """Capture off: evaluation and ``generate()`` pay nothing."""
         return self.train(False)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also forget what the backward passes since the last ``step()`` staged (counts, statistics).
+
+        ``backward(); zero_grad(); backward(); step()`` must give the step of the last backward only.
+        """
+        super().zero_grad(set_to_none=set_to_none)
+        self._discard_staged()
+        self._finite = None
+        for layer in self._layers:
+            layer.micro_batches = 0
+
     def remove_hooks(self) -> None:
-        """Detach from the model; managed layers then get no gradient from this optimizer."""
+        """Detach from the model: managed layers then get their plain gradient, and ``step()`` applies
+        it with this optimizer's momentum, trust region and learning rate (it is no longer a natural
+        gradient)."""
         for layer in self._layers:
             if layer.handle is not None:
                 layer.handle.remove()
@@ -196,6 +212,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if getattr(self, "grad_scale", None) is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support fp16 with a GradScaler: the loss scale multiplies the output "
+                "gradients its statistics are built from, and skipped steps would leave them half-accumulated. "
+                "Use bf16 autocast (statistics stay float32) or float32."
+            )
         self._check_ready()
         if not self._all_finite():
             self.skipped_steps += 1
@@ -235,10 +257,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return bool(torch.stack(flags).all()) if flags else True
 
     def _managed_group_step(self, group: dict) -> None:
-        """Trust region, update clip, weight decay, momentum and ``p -= lr·d``, as ``_foreach`` ops."""
+        """Trust region, weight decay, momentum, update clip and ``p -= lr·d``, as ``_foreach`` ops."""
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-        ratio = group["max_update_ratio"]
+        ratio = group["trust_ratio"]
         params, directions, owner = [], [], []
+        self._check_backward_counts()
         for index, layer in enumerate(self._layers):
             if layer.micro_batches == 0 and layer.name not in self._bypassed_warned and any(
                 p is not None and p.grad is not None for p in (layer.weight, layer.bias)
@@ -259,28 +282,22 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     owner.append(index)
         if not params:
             return
-        scales = None
-        if ratio is not None or self.clip_update_norm is not None:
-            direction_norms = torch.stack(torch._foreach_norm(directions)).float()
-            scales = torch.ones_like(direction_norms)
         if ratio is not None:
-            # Trust region: a layer ([W|b] together) never moves by more than `ratio` of its own norm.
+            # Trust region: ‖d‖ <= ratio·‖[W|b]‖ per layer (weight and bias together), so a step moves a
+            # layer by at most lr·ratio of its norm before momentum; lr and its schedule still apply.
+            direction_norms = torch.stack(torch._foreach_norm(directions)).float()
             owner_index = torch.tensor(owner, device=direction_norms.device)
             param_norms = torch.stack(torch._foreach_norm(params)).float()
             layers = len(self._layers)
             layer_d = direction_norms.new_zeros(layers).index_add_(0, owner_index, direction_norms.square()).sqrt_()
             layer_p = direction_norms.new_zeros(layers).index_add_(0, owner_index, param_norms.square()).sqrt_()
-            shrink = torch.clamp(ratio * layer_p / (lr * layer_d).clamp(min=1e-30), max=1.0)
-            shrink = torch.where(layer_p > 0, shrink, torch.ones_like(shrink))
+            shrink = torch.clamp(ratio * layer_p / layer_d.clamp(min=1e-30), max=1.0)
+            shrink = torch.where(layer_p > 0, shrink, torch.ones_like(shrink))  # a zero layer has no scale to keep
             scales = shrink[owner_index]
+            directions = torch._foreach_mul(directions, [s.to(d.dtype) for s, d in zip(scales.unbind(0), directions)])
             # Kept as a tensor (no host sync); trust_region_diagnostics() reads it.
             self._trust_clipped = self._trust_clipped + (shrink < 1.0).float().mean()
             self._trust_steps += 1
-        if self.clip_update_norm is not None:
-            total = (scales * direction_norms).square().sum().sqrt()
-            scales = scales * torch.clamp(self.clip_update_norm / total.clamp(min=1e-30), max=1.0)
-        if scales is not None:
-            directions = torch._foreach_mul(directions, [s.to(d.dtype) for s, d in zip(scales.unbind(0), directions)])
         if weight_decay != 0.0:
             torch._foreach_mul_(params, 1.0 - lr * weight_decay)
         if momentum != 0.0:
@@ -297,7 +314,30 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 torch._foreach_mul_(old_buffers, momentum)
                 torch._foreach_add_(old_buffers, old_directions)
             directions = buffers
+        if self.clip_update_norm is not None:
+            # Clip the applied update lr·(momentum buffer) to a global norm; the buffer itself is kept.
+            step_norm = lr * torch.linalg.vector_norm(torch.stack(torch._foreach_norm(directions)).float())
+            factor = torch.clamp(self.clip_update_norm / step_norm.clamp(min=1e-30), max=1.0)
+            directions = torch._foreach_mul(directions, factor.to(directions[0].dtype))
         torch._foreach_add_(params, directions, alpha=-lr)
+
+    def _check_backward_counts(self) -> None:
+        """A layer called twice per forward (a shared layer) gets two backward passes per micro-batch."""
+        counts = {layer.name: layer.micro_batches for layer in self._layers if layer.micro_batches}
+        if len(set(counts.values())) <= 1:
+            return
+        most = max(counts.values())
+        odd = sorted(name for name, count in counts.items() if count == most and name not in self._bypassed_warned)
+        if odd:
+            self._bypassed_warned.update(odd)
+            warnings.warn(
+                f"{', '.join(odd)} got {most} backward passes in this step, other managed layers "
+                f"{min(counts.values())}: a layer called more than once per forward (shared weights) is "
+                f"treated as that many micro-batches, which is not its natural gradient; leave it out with "
+                f"target_modules.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _adamw_group_step(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

@@ -72,7 +72,9 @@ class _NaturalGradientLinear(torch.autograd.Function):
         batch = x.shape[0] if x.dim() > 1 else 1
         x3 = x.reshape(batch, -1, x.shape[-1])
         delta3 = grad_output.reshape(batch, -1, grad_output.shape[-1])
-        d_weight, d_bias = ctx.natural_gradient(layer, x3, delta3)
+        # A backward() called inside an autocast block would run the statistics in bf16/fp16.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            d_weight, d_bias = ctx.natural_gradient(layer, x3, delta3)
         d_weight = d_weight.to(weight.dtype)
         if d_bias is not None:
             d_bias = d_bias.to(layer.bias.dtype)

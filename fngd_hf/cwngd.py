@@ -35,6 +35,9 @@ class CWNGD(FNGD):
         diagonal = grams.diagonal(dim1=-2, dim2=-1).T  # (B, o): ‖row j of g_n‖²
         return beta.T.contiguous(), diagonal, damping_b, norms
 
+    def _coefficient_shape(self, layer: CapturedLayer) -> tuple[int, ...]:
+        return (layer.weight.shape[1 if layer.transposed else 0],)
+
     def _trace(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
         return F.unit_gram_traces(x, delta, layer.has_bias, scale)
 

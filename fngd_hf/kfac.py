@@ -97,7 +97,7 @@ class KFAC(LayerwiseOptimizer):
     Arguments shared with FNGD: ``lr``, ``momentum``, ``weight_decay`` (decoupled, managed
     layers), ``target_modules``, the ``adamw_*`` settings of the AdamW part,
     ``gradient_accumulation_steps`` (kept for interface parity: K-FAC uses the number of
-    backward passes each step really saw), ``max_update_ratio`` and ``clip_update_norm``.
+    backward passes each step really saw), ``trust_ratio`` and ``clip_update_norm``.
     K-FAC's own: ``damping`` (``λ``), ``stat_decay`` (running-average weight of the old
     factors), ``factor_update_freq``, ``inverse_update_freq``, ``inverse_method``
     (``"eigen"`` or ``"cholesky"``, see the module docstring) and ``kl_clip`` (optional: scale
@@ -125,7 +125,7 @@ class KFAC(LayerwiseOptimizer):
         inverse_update_freq: int = 10,
         inverse_method: str = "eigen",
         gradient_accumulation_steps: int = 1,
-        max_update_ratio: float | None = None,
+        trust_ratio: float | None = None,
         clip_update_norm: float | None = None,
         kl_clip: float | None = None,
     ):
@@ -150,7 +150,7 @@ class KFAC(LayerwiseOptimizer):
             adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay,
             gradient_accumulation_steps=gradient_accumulation_steps,
-            max_update_ratio=max_update_ratio,
+            trust_ratio=trust_ratio,
             clip_update_norm=clip_update_norm,
             group_options=dict(damping=damping),
         )

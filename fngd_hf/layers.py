@@ -48,6 +48,12 @@ def _vocabulary_heads(model: nn.Module) -> set[int]:
     return heads
 
 
+def _weight_used_directly(model: nn.Module) -> dict[int, str]:
+    """Linear layers whose owner calls ``F.linear`` on their weight, so their forward hook never runs."""
+    return {id(m.out_proj): "nn.MultiheadAttention applies its out_proj weight directly (F.linear)"
+            for m in model.modules() if isinstance(m, nn.MultiheadAttention) and isinstance(m.out_proj, nn.Module)}
+
+
 def _matches(name: str, pattern: str) -> bool:
     # PEFT style: an exact name, a dotted suffix, or a regex over the full name.
     return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
@@ -57,10 +63,11 @@ def select_modules(
     model: nn.Module, target_modules: Iterable[str] | None = None
 ) -> dict[str, nn.Module]:
     """Name -> module for every layer FNGD will manage (trainable weight only)."""
+    bypassed = _weight_used_directly(model)
     candidates = {
         name: module
         for name, module in model.named_modules()
-        if is_supported(module) and module.weight.requires_grad
+        if is_supported(module) and module.weight.requires_grad and id(module) not in bypassed
     }
     if target_modules is None:
         heads = _vocabulary_heads(model)
@@ -83,11 +90,12 @@ def select_modules(
         for name in matched:
             if name not in candidates:
                 module = model.get_submodule(name)
-                reason = (
-                    "its weight is frozen"
-                    if is_supported(module)
-                    else f"it is a {type(module).__name__}, not nn.Linear or Conv1D"
-                )
+                if id(module) in bypassed:
+                    reason = bypassed[id(module)]
+                elif is_supported(module):
+                    reason = "its weight is frozen"
+                else:
+                    reason = f"it is a {type(module).__name__}, not nn.Linear or Conv1D"
                 raise ValueError(
                     f"target_modules pattern {pattern!r} matches {name!r}, which FNGD cannot manage: "
                     f"{reason}. Supported layers in this model: {sorted(candidates)}"

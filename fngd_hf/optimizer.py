@@ -14,6 +14,10 @@ from .base import LayerwiseOptimizer
 from .capture import CapturedLayer
 from .sample_sharing import SampleIndex
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
 class FNGD(LayerwiseOptimizer):
     """Inverse-free fast natural gradient descent (Ou et al., 2024) with AdamW for the rest.
 
@@ -45,10 +49,11 @@ class FNGD(LayerwiseOptimizer):
 
     Keyword-only extras: ``gradient_accumulation_steps`` (micro-batches per step, sets the
     per-sample gradient scale), ``damping_floor`` (relative mode: ``λ >= damping_floor``),
-    ``max_update_ratio`` (per-layer trust region ``lr‖d‖ <= ratio·‖[W|b]‖``; ``"auto"`` = on
-    for relative damping only), ``scale_mode`` (``"shared"``: reuse ``β`` as stored;
-    ``"refreshed"``: rescale it by ``tr(K_stored)/tr(K_new)``), ``clip_update_norm``
-    (global norm clip of the FNGD direction), ``stat_dtype`` (float32 or float64 for ``K`` and
+    ``trust_ratio`` (per-layer trust region ``‖d‖ <= trust_ratio·‖[W|b]‖`` before momentum, so a
+    step moves a layer by at most ``lr·trust_ratio`` of its norm; ``"auto"`` = 1.0 for relative
+    damping, off for fixed), ``scale_mode`` (``"shared"``: reuse ``β`` as stored;
+    ``"refreshed"``: rescale it by ``tr(K_stored)/tr(K_new)``), ``clip_update_norm`` (global
+    norm clip of the applied update ``lr·(momentum buffer)``), ``stat_dtype`` (float32 or float64 for ``K`` and
     the solve), ``gram_path`` (``"auto"``, ``"token"``, ``"per_sample"``), ``share_by``
     (``"position"`` or ``"sample"``).
     """
@@ -71,7 +76,7 @@ class FNGD(LayerwiseOptimizer):
         *,
         gradient_accumulation_steps: int = 1,
         damping_floor: float = 0.0,
-        max_update_ratio: float | str | None = "auto",
+        trust_ratio: float | str | None = "auto",
         scale_mode: str = "shared",
         clip_update_norm: float | None = None,
         stat_dtype: torch.dtype = torch.float32,
@@ -84,9 +89,10 @@ class FNGD(LayerwiseOptimizer):
             raise ValueError(f"Invalid damping_mode: {damping_mode!r} (expected 'relative' or 'fixed')")
         if damping_floor < 0.0:
             raise ValueError(f"Invalid damping_floor: {damping_floor}")
-        if max_update_ratio == "auto":
-            # Measured (benchmarks/stability_trial.py): without it relative damping diverges.
-            max_update_ratio = 0.01 if damping_mode == "relative" else None
+        if trust_ratio == "auto":
+            # Measured (benchmarks/stability_trial.py): without it relative damping diverges. At the
+            # default lr 1e-2 this bounds a step to 1% of the layer's norm.
+            trust_ratio = 1.0 if damping_mode == "relative" else None
         if scale_mode not in ("shared", "refreshed"):
             raise ValueError(f"Invalid scale_mode: {scale_mode!r} (expected 'shared' or 'refreshed')")
         if stat_dtype not in (torch.float32, torch.float64):
@@ -107,7 +113,7 @@ class FNGD(LayerwiseOptimizer):
             adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay,
             gradient_accumulation_steps=gradient_accumulation_steps,
-            max_update_ratio=max_update_ratio,
+            trust_ratio=trust_ratio,
             clip_update_norm=clip_update_norm,
             group_options=dict(damping=damping, damping_mode=damping_mode, damping_floor=damping_floor),
         )
@@ -184,13 +190,14 @@ class FNGD(LayerwiseOptimizer):
         group = self.param_groups[0]
         micro = layer.micro_batches
         batch = x.shape[0]
+        # Both raise before any state changes (missing epoch length, missing sample ids).
+        slot = self._sharing_slot()
         by_sample = self.share_coefficients and self.share_by == "sample"
         if by_sample:
-            self._micro_batch_ids(micro, batch)  # raises before any state changes if the ids are missing
+            self._micro_batch_ids(micro, batch)
         layer.micro_batches += 1
         accumulation = self._accumulation
         scale = float(batch * accumulation)  # g_n = B_total · (sample n's contribution)
-        slot = self._sharing_slot()
 
         stored, bank_slot = None, slot
         if slot is not None and self.global_step >= self._steps_per_epoch:
@@ -276,18 +283,25 @@ class FNGD(LayerwiseOptimizer):
         observed, declared = layer.micro_batches, self._accumulation
         if observed in (0, declared):
             return 1.0
-        if group["damping_mode"] == "relative":
-            # d_m scales like 1/(per-sample scale) and the average divides by the count.
-            return (declared / observed) ** 2
+        relative = group["damping_mode"] == "relative"
         if not self._fixed_accumulation_warned:
             self._fixed_accumulation_warned = True
+            consequence = (
+                "with relative damping the step was rescaled, which is exact only if each micro-batch loss "
+                f"was divided by {observed} (FNGDTrainer does this; a stock Trainer may not)"
+                if relative
+                else f"with fixed damping the per-sample gradient scale was taken as {declared}"
+            )
             warnings.warn(
                 f"{type(self).__name__} saw {observed} backward passes before step() but "
-                f"gradient_accumulation_steps={declared}; with fixed damping the per-sample gradient "
-                f"scale was taken as {declared}. Set gradient_accumulation_steps={observed} for the exact average.",
+                f"gradient_accumulation_steps={declared}: {consequence}. Set "
+                f"gradient_accumulation_steps={observed} for the exact average.",
                 RuntimeWarning,
                 stacklevel=4,
             )
+        if relative:
+            # d_m scales like 1/(per-sample scale) and the average divides by the count.
+            return (declared / observed) ** 2
         return declared / observed
 
     # -------------------------------------------------------------------- coefficient bank
@@ -368,55 +382,62 @@ class FNGD(LayerwiseOptimizer):
     def _store_by_sample(self) -> None:
         """Give the samples first seen in this step their rows and coefficients, in every layer."""
         staged = [self._pending.get(id(layer)) for layer in self._layers]
-        if not any(staged):
+        if not any(staged) and not _distributed():
             return
         micros = sorted(self._sample_ids)
-        ids = [key for micro in micros for key in self._sample_ids[micro]]
+        # A step that computed nothing fresh (every sample seen) contributes no ids.
+        ids = [key for micro in micros for key in self._sample_ids[micro]] if any(staged) else []
         per_layer = []
         for layer, entries in zip(self._layers, staged):
-            if not entries or sorted(e[1] for e in entries) != micros:
+            if ids and (not entries or sorted(e[1] for e in entries) != micros):
                 per_layer.append(None)  # e.g. a layer that did not run: it cannot serve these samples
                 continue
-            entries = sorted(entries, key=lambda entry: entry[1])
-            per_layer.append((torch.cat([e[2] for e in entries]), torch.cat([e[3] for e in entries])))
+            entries = sorted(entries or [], key=lambda entry: entry[1])
+            empty = torch.zeros(0, *self._coefficient_shape(layer), device=layer.weight.device)
+            per_layer.append(tuple(torch.cat([empty] + [e[k] for e in entries]) for k in (2, 3)))
         ids, per_layer = self._gather_across_ranks(ids, per_layer)
         positions, rows = self._sample_index.add(ids)
         if not positions:
             return
+        index = torch.tensor(positions)
         for layer, values in zip(self._layers, per_layer):
             if values is None:
                 self._incomplete_layers.add(layer.name)
                 continue
-            beta, diagonal = values
             state = self.state[layer.weight]
             needed = len(self._sample_index)
-            for key, value in (("coef_sample", beta), ("coef_sample_diag", diagonal)):
+            for key, value in zip(("coef_sample", "coef_sample_diag"), values):
                 bank = state.get(key)
                 if bank is None or bank.shape[0] < needed:  # grow geometrically: O(1) amortised per sample
                     grown = value.new_zeros(max(needed, 2 * (0 if bank is None else bank.shape[0])), *value.shape[1:])
                     if bank is not None:
                         grown[: bank.shape[0]] = bank
                     state[key] = bank = grown
-                index = torch.tensor(positions, device=value.device)
-                bank[torch.tensor(rows, device=value.device)] = value.index_select(0, index)
+                bank[torch.tensor(rows, device=value.device)] = value.index_select(0, index.to(value.device))
+
+    def _coefficient_shape(self, layer: CapturedLayer) -> tuple[int, ...]:
+        """Shape of one sample's coefficient: a number for FNGD (CW-NGD: one per output unit)."""
+        return ()
 
     def _gather_across_ranks(self, ids: list[int], per_layer: list):
-        """Under DDP every rank stores every rank's samples, so a sample keeps its β on any rank later."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        """Under DDP every rank stores every rank's new samples: the sampler moves samples between ranks.
+
+        A collective: every rank calls it at every applied step, whether or not it has new samples.
+        A layer that could not store on some rank is left out (``None``) on every rank.
+        """
+        if not _distributed():
             return ids, per_layer
         world = torch.distributed.get_world_size()
-        if world == 1:
-            return ids, per_layer
         gathered_ids: list = [None] * world
         torch.distributed.all_gather_object(gathered_ids, ids)
-        present = [values is not None for values in per_layer]
-        gathered_present: list = [None] * world
-        torch.distributed.all_gather_object(gathered_present, present)
-        everywhere = [all(flags) for flags in zip(*gathered_present)]
+        present: list = [None] * world
+        torch.distributed.all_gather_object(present, [values is not None for values in per_layer])
         width = max(len(rank_ids) for rank_ids in gathered_ids)
+        if width == 0:
+            return [], per_layer
         merged = []
-        for values, keep in zip(per_layer, everywhere):
-            if not keep:
+        for layer, values, everywhere in zip(self._layers, per_layer, map(all, zip(*present))):
+            if not everywhere:
                 merged.append(None)
                 continue
             parts = []
@@ -463,6 +484,15 @@ class FNGD(LayerwiseOptimizer):
         }
 
     def _load_extra_state(self, extra: dict) -> None:
+        for key, current in (("share_coefficients", self.share_coefficients), ("share_by", self.share_by),
+                             ("scale_mode", self.scale_mode)):
+            if key in extra and extra[key] != current:
+                warnings.warn(
+                    f"the checkpoint was written with {key}={extra[key]!r}, this optimizer has {current!r}: "
+                    f"its coefficients are kept but this run continues differently from the saved one",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         self._host_sizes.clear()
         self._sample_index = SampleIndex(extra.get("sample_ids"))
         self._incomplete_layers = set(extra.get("incomplete_layers", ()))

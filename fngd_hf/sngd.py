@@ -75,8 +75,9 @@ class SNGD(LayerwiseOptimizer):
     itself always runs in float64), ``gradient_accumulation_steps`` (micro-batches per step; as for
     FNGD, each micro-batch backpropagates its mean loss divided by the number of micro-batches, so
     the directions, linear in ``ḡ``, sum to the accumulated batch's; the count only serves the
-    correction when fewer micro-batches arrive than declared), ``max_update_ratio``
-    (per-layer trust region), ``clip_update_norm`` (global clip of the managed directions).
+    correction when fewer micro-batches arrive than declared), ``trust_ratio``
+    (per-layer trust region ``‖d‖ <= trust_ratio·‖[W|b]‖``), ``clip_update_norm`` (global clip of
+    the applied update ``lr·(momentum buffer)``).
     """
 
     name = "sngd"
@@ -113,7 +114,7 @@ class SNGD(LayerwiseOptimizer):
         seed: int = 0,
         stat_dtype: torch.dtype = torch.float32,
         gradient_accumulation_steps: int = 1,
-        max_update_ratio: float | None = None,
+        trust_ratio: float | None = None,
         clip_update_norm: float | None = None,
     ):
         if not damping > 0.0:
@@ -141,7 +142,7 @@ class SNGD(LayerwiseOptimizer):
             adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay,
             gradient_accumulation_steps=gradient_accumulation_steps,
-            max_update_ratio=max_update_ratio,
+            trust_ratio=trust_ratio,
             clip_update_norm=clip_update_norm,
             group_options=dict(damping=damping, damping_mode=damping_mode),
         )

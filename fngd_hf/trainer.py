@@ -81,7 +81,7 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
 
     ``learning_rate`` is FNGD's ``lr``, ``weight_decay`` the AdamW part's decoupled weight decay,
     ``adam_beta1/2`` and ``adam_epsilon`` the AdamW part's constants, ``max_grad_norm`` the
-    global clip of the FNGD update direction (see :class:`FNGDTrainer`).
+    global clip of the applied FNGD update ``lr·d`` (see :class:`FNGDTrainer`).
     """
 
     optimizer: str = field(
@@ -133,11 +133,12 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
             "choices": ["shared", "refreshed"],
         },
     )
-    fngd_max_update_ratio: float | str | None = field(
+    fngd_trust_ratio: float | str | None = field(
         default="auto",
         metadata={
-            "help": "Per-layer trust region lr*||d|| <= ratio*||[W|b]||: a float, 'auto' (0.01 with relative "
-            "damping, off with fixed) or 'none'."
+            "help": "Per-layer trust region ||d|| <= ratio*||[W|b]|| (a step moves a layer by at most "
+            "lr*ratio of its norm, before momentum): a float, 'auto' (1.0 with relative damping, off with fixed) "
+            "or 'none'."
         },
     )
     fngd_target_modules: list[str] | None = field(
@@ -171,6 +172,9 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"source_gap_min must be >= 0, got {self.source_gap_min}")
         self._validate_fngd()
         super().__post_init__()
+        # After the parent: it reads `accelerate launch --mixed_precision` from the environment.
+        if self.optimizer in LAYERWISE and (self.fp16 or getattr(self, "mixed_precision", "no") == "fp16"):
+            raise ValueError(_FP16_MESSAGE)
 
     def _validate_fngd(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -189,7 +193,7 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"Invalid fngd_share_by: {self.fngd_share_by!r} (expected 'position' or 'sample')")
         if self.fngd_scale_mode not in ("shared", "refreshed"):
             raise ValueError(f"Invalid fngd_scale_mode: {self.fngd_scale_mode!r} (expected 'shared' or 'refreshed')")
-        self.fngd_max_update_ratio = _parse_ratio(self.fngd_max_update_ratio)
+        self.fngd_trust_ratio = _parse_ratio(self.fngd_trust_ratio)
         if isinstance(self.fngd_target_modules, str):
             self.fngd_target_modules = [self.fngd_target_modules]
         if self.fngd_target_modules is not None and len(self.fngd_target_modules) == 0:
@@ -198,8 +202,6 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"Invalid fngd_stat_dtype: {self.fngd_stat_dtype!r} (expected 'float32' or 'float64')")
         if self.fngd_adamw_lr is not None and not self.fngd_adamw_lr > 0.0:
             raise ValueError(f"Invalid fngd_adamw_lr: {self.fngd_adamw_lr} (must be > 0, or None)")
-        if self.optimizer in ("fngd", "ngd") and self.fp16:
-            raise ValueError(_FP16_MESSAGE)
 
     @property
     def uses_fngd(self) -> bool:
@@ -218,7 +220,7 @@ _FP16_MESSAGE = (
 
 
 def _parse_ratio(value):
-    """``fngd_max_update_ratio`` from the command line arrives as a string."""
+    """``fngd_trust_ratio`` from the command line arrives as a string."""
     if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         ratio = None if value is None else float(value)
     elif isinstance(value, str):
@@ -231,12 +233,12 @@ def _parse_ratio(value):
             ratio = float(text)
         except ValueError:
             raise ValueError(
-                f"Invalid fngd_max_update_ratio: {value!r} (a positive number, 'auto' or 'none')"
+                f"Invalid fngd_trust_ratio: {value!r} (a positive number, 'auto' or 'none')"
             ) from None
     else:
-        raise ValueError(f"Invalid fngd_max_update_ratio: {value!r} (a positive number, 'auto' or 'none')")
+        raise ValueError(f"Invalid fngd_trust_ratio: {value!r} (a positive number, 'auto' or 'none')")
     if ratio is not None and not ratio > 0.0:
-        raise ValueError(f"Invalid fngd_max_update_ratio: {value!r} (must be > 0)")
+        raise ValueError(f"Invalid fngd_trust_ratio: {value!r} (must be > 0)")
     return ratio
 
 
@@ -270,11 +272,14 @@ class FNGDTrainer(Seq2SeqTrainer):
       A ``compute_loss_func`` is trusted to normalise by ``num_items_in_batch`` itself (the
       Trainer's contract), and is left alone.
     * **max_grad_norm.** The ``.grad`` of FNGD layers holds the natural-gradient direction ``d``,
-      not a gradient. ``max_grad_norm`` becomes FNGD's ``clip_update_norm`` when the trainer
-      builds the optimizer: the global L2 norm of ``d`` over all FNGD layers is clipped at
-      ``step()``, after the per-layer trust region and before momentum. The Trainer's own clipping
-      (and the logged ``grad_norm``) covers only the ordinary gradients of the AdamW part
-      (embeddings, LayerNorms, heads). ``"fngd/direction_norm"`` logs the unclipped norm of ``d``.
+      not a gradient (its norm is often 1e5 or more: relative damping scales it like ``1/‖g‖``), so
+      clipping it with the gradients would be meaningless. ``max_grad_norm`` becomes FNGD's
+      ``clip_update_norm`` when the trainer builds the optimizer: the global L2 norm of the
+      *applied update* ``lr·(momentum buffer)`` over all FNGD layers is clipped at ``step()``
+      (after the per-layer trust region; the buffer itself is not changed). The Trainer's own
+      clipping (and the logged ``grad_norm``) covers only the ordinary gradients of the AdamW part
+      (embeddings, LayerNorms, heads). ``"fngd/direction_norm"`` logs the norm of ``d`` as the
+      backward wrote it.
     * **Precision.** bf16 autocast works; FNGD's statistics stay in ``fngd_stat_dtype``. fp16
       (GradScaler) raises a ``ValueError`` at argument/trainer construction.
     * **Logging.** Each training log record gets ``optimizer.diagnostics()`` (means since the last
@@ -299,7 +304,8 @@ class FNGDTrainer(Seq2SeqTrainer):
         self._fngd_direction_norm: torch.Tensor | None = None
         super().__init__(*args, **kwargs)
         if self._fngd_requested() or unwrap_fngd(self.optimizer) is not None:
-            if self.args.fp16:
+            # `accelerate launch --mixed_precision fp16` reaches the accelerator without setting args.fp16.
+            if self.args.fp16 or getattr(self.accelerator, "mixed_precision", "no") == "fp16":
                 raise ValueError(_FP16_MESSAGE)
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise ValueError("FNGD needs whole nn.Linear weights: DeepSpeed and FSDP are not supported")
@@ -374,7 +380,7 @@ class FNGDTrainer(Seq2SeqTrainer):
 
     def _build_fngd(self, model, share: bool, cls: type[FNGD] = FNGD) -> FNGD:
         args = self.args
-        ratio = _parse_ratio(self._arg("fngd_max_update_ratio"))
+        ratio = _parse_ratio(self._arg("fngd_trust_ratio"))
         return cls(
             model,
             lr=args.learning_rate,
@@ -391,7 +397,7 @@ class FNGDTrainer(Seq2SeqTrainer):
             adamw_weight_decay=args.weight_decay,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             damping_floor=self._arg("fngd_damping_floor"),
-            max_update_ratio=ratio,
+            trust_ratio=ratio,
             scale_mode=self._arg("fngd_scale_mode"),
             share_by=self._arg("fngd_share_by"),
             clip_update_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,

@@ -345,13 +345,13 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     if trainer.is_world_process_zero():
         results["metric_signatures"] = metric_signatures()
         (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-        if results.get("test"):
+        if training_args.do_train or results.get("test"):  # the card says when no test set was scored
             write_model_card(
                 output_dir,
                 model_name=training_args.hub_model_id or output_dir.name,
                 source_lang=data_args.source_lang,
                 target_lang=data_args.target_lang,
-                results={split: {"bleu": s["bleu"], "chrf": s["chrf"]} for split, s in results["test"].items()},
+                results={split: {"bleu": s["bleu"], "chrf": s["chrf"]} for split, s in results.get("test", {}).items()},
                 optimizer_settings=optimizer_settings(trainer, training_args),
                 dataset_id=data_args.dataset_name or DEFAULT_DATASET_NAME,
                 model_settings={"architecture": "MarianMTModel", "preset": model_args.preset,

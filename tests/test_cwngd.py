@@ -30,7 +30,7 @@ def dense_row_block_natural_gradient(per_sample, damping, mode, bias):
 def make_cwngd(kind, model, mode, **overrides):
     kwargs = dict(
         lr=lr_of(kind, mode), damping=damping_of(kind, mode), damping_mode=mode, momentum=0.0, weight_decay=0.0,
-        share_coefficients=False, damping_floor=0.0, max_update_ratio=None, stat_dtype=torch.float64,
+        share_coefficients=False, damping_floor=0.0, trust_ratio=None, stat_dtype=torch.float64,
     )
     kwargs.update(overrides)
     return CWNGD(model, **kwargs)

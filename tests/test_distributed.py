@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).with_name("dist_train.py")
 
@@ -46,3 +47,50 @@ def test_two_rank_ddp_training(tmp_path):
     assert ranks[0]["by_sample_rows"] == ranks[1]["by_sample_rows"] == 32
     assert ranks[0]["by_sample_bank_checksum"] == ranks[1]["by_sample_bank_checksum"]
     assert ranks[0]["by_sample_fresh_fraction"][-1] == 0.0  # samples seen on the other rank are shared too
+
+
+SAMPLE_WORKER = r"""
+import sys, torch, torch.distributed as dist
+from torch import nn
+from fngd_hf import FNGD
+rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+opt = FNGD(model, lr=1e-2, share_by="sample", stat_dtype=torch.float64)
+# Step 2: rank 0 sees only samples it has seen (nothing new), rank 1 sees new ones: both must
+# still meet in the gather. Step 3: rank 1 gets samples only rank 0 had in step 1.
+plan = {0: [[0, 1], [1, 0], [4, 2]], 1: [[2, 3], [4, 5], [0, 1]]}[rank]
+fresh = []
+for ids in plan:
+    g = torch.Generator().manual_seed(100 * rank + ids[0])
+    x, y = torch.randn(2, 6, generator=g).double(), torch.randint(0, 3, (2,), generator=g)
+    opt.set_sample_ids(ids)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    fresh.append(opt.diagnostics()["fngd/fresh_fraction"])
+state = opt.state[model[0].weight]
+torch.save({"ids": opt._sample_index.to_tensor(), "bank": state["coef_sample"][: len(opt._sample_index)],
+            "fresh": torch.tensor(fresh)}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_sharing_by_sample_gathers_every_rank_even_without_new_samples(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(SAMPLE_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parents[1])}
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), port, str(tmp_path / f"rank{r}.pt")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]  # a missed collective would hang here
+    assert all(p.returncode == 0 for p in procs), outputs
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["ids"].tolist() == ranks[1]["ids"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert torch.equal(ranks[0]["bank"], ranks[1]["bank"])
+    assert ranks[0]["fresh"].tolist() == [1.0, 0.0, 0.0]  # [4, 2]: both seen, on rank 1
+    assert ranks[1]["fresh"].tolist() == [1.0, 1.0, 0.0]  # [0, 1]: seen on rank 0 only

@@ -49,8 +49,9 @@ def test_card_errors():
     kwargs = dict(model_name="x", source_lang="en", target_lang="de")
     with pytest.raises(ValueError, match="optimizer"):
         build_model_card(results=RESULTS, optimizer_settings={"lr": 1}, **kwargs)
-    with pytest.raises(ValueError, match="empty"):
-        build_model_card(results={}, optimizer_settings={"optimizer": "sgd"}, **kwargs)
+    untested = build_model_card(results={}, optimizer_settings={"optimizer": "kfac"}, **kwargs)  # no test split
+    assert "model-index" not in front_matter(untested.content) and "No test set was scored" in untested.content
+    assert "Optimizer used: **K-FAC" in untested.content
     with pytest.raises(ValueError, match="keys from"):
         build_model_card(results={"test": {"ter": 1.0}}, optimizer_settings={"optimizer": "sgd"}, **kwargs)
     with pytest.raises(ValueError, match="number"):

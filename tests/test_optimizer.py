@@ -145,16 +145,33 @@ def test_batch_size_change_gets_fresh_coefficients(monkeypatch):
 
 
 def test_sharing_without_epoch_length_is_a_clear_error():
-    model = make_mlp()
+    model, reference = make_mlp(), make_mlp()
     opt = FNGD(model)
-    before = [p.detach().clone() for p in model.parameters()]
     x, y = mlp_batch(0)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         nn.functional.cross_entropy(model(x), y).backward()
     opt.steps_per_epoch = 4
     opt.zero_grad()
     train_steps(model, opt, seeds=[0])
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # The failed backward left nothing behind: the step equals a clean optimizer's.
+    train_steps(reference, FNGD(reference, steps_per_epoch=4), seeds=[0])
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_zero_grad_discards_a_backward_that_was_not_stepped():
+    model, reference = make_mlp(), make_mlp()
+    opt = FNGD(model, steps_per_epoch=2)
+    x, y = mlp_batch(5)
+    nn.functional.cross_entropy(model(x), y).backward()  # discarded: no step()
+    opt.zero_grad()
+    train_steps(model, opt, seeds=[0, 1, 2])
+    ref_opt = FNGD(reference, steps_per_epoch=2)
+    train_steps(reference, ref_opt, seeds=[0, 1, 2])
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+    bank, ref_bank = opt.state[model[0].weight]["coef_bank"], ref_opt.state[reference[0].weight]["coef_bank"]
+    assert torch.equal(bank, ref_bank)  # the discarded batch's coefficients were not banked
 
 
 # ------------------------------------------------------------------------ capture switching
@@ -257,13 +274,13 @@ def test_layer_with_zero_output_gradient_gets_zero_update():
     assert torch.equal(before, model[0].weight)
 
 
-@pytest.mark.parametrize("lr, clipped", [(100.0, 1.0), (1e-6, 0.0)])
-def test_trust_region_bounds_each_layer_move(lr, clipped):
-    """lr·‖d‖ > ratio·‖[W|b]‖ moves the layer by exactly ratio·‖[W|b]‖ along d; smaller moves are untouched."""
-    ratio = 0.02
+@pytest.mark.parametrize("lr", [1e-2, 3e-4])
+@pytest.mark.parametrize("ratio, clipped", [(1e-3, 1.0), (1e12, 0.0)])
+def test_trust_region_bounds_each_layer_move(lr, ratio, clipped):
+    """‖d‖ > ratio·‖[W|b]‖ moves the layer by exactly lr·ratio·‖[W|b]‖ along d; smaller d are untouched."""
     model, reference = make_mlp(seed=3, dtype=torch.float64), make_mlp(seed=3, dtype=torch.float64)
-    opt = FNGD(model, lr=lr, momentum=0.0, share_coefficients=False, max_update_ratio=ratio, stat_dtype=torch.float64)
-    free = FNGD(reference, lr=lr, momentum=0.0, share_coefficients=False, max_update_ratio=None, stat_dtype=torch.float64)
+    opt = FNGD(model, lr=lr, momentum=0.0, share_coefficients=False, trust_ratio=ratio, stat_dtype=torch.float64)
+    free = FNGD(reference, lr=lr, momentum=0.0, share_coefficients=False, trust_ratio=None, stat_dtype=torch.float64)
     x, y = mlp_batch(4, dtype=torch.float64)
     before = [torch.cat([m.weight.detach().flatten(), m.bias.detach()]) for m in (model[0], model[3])]
     for net, optimizer in ((model, opt), (reference, free)):
@@ -272,8 +289,8 @@ def test_trust_region_bounds_each_layer_move(lr, clipped):
     for index, layer in enumerate((0, 3)):
         moved = torch.cat([model[layer].weight.detach().flatten(), model[layer].bias.detach()]) - before[index]
         unclipped = torch.cat([reference[layer].weight.detach().flatten(), reference[layer].bias.detach()]) - before[index]
-        if clipped:
-            assert float(moved.norm()) == pytest.approx(ratio * float(before[index].norm()), rel=1e-6)  # norms in float32
+        if clipped:  # the bound scales with lr: a schedule still anneals clipped layers
+            assert float(moved.norm()) == pytest.approx(lr * ratio * float(before[index].norm()), rel=1e-6)
             torch.testing.assert_close(moved / moved.norm(), unclipped / unclipped.norm())
         else:
             torch.testing.assert_close(moved, unclipped)
@@ -359,7 +376,11 @@ def test_gpt2_default_targets_skip_tied_head():
     assert names == {f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
 
 
-def test_bf16_autocast_uses_float32_statistics():
+@pytest.mark.parametrize("backward_inside_autocast", [False, True])
+def test_bf16_autocast_uses_float32_statistics(backward_inside_autocast, monkeypatch):
+    gram_dtypes = []
+    original = functional.gram_matrix
+    monkeypatch.setattr(functional, "gram_matrix", lambda *a, **k: gram_dtypes.append(original(*a, **k).dtype) or original(*a, **k))
     model = tiny_bart()
     opt = FNGD(model, lr=1e-2, steps_per_epoch=2)
     reference = tiny_bart()
@@ -368,7 +389,11 @@ def test_bf16_autocast_uses_float32_statistics():
     batch = dict(input_ids=torch.randint(3, 40, (4, 6), generator=g), labels=torch.randint(3, 40, (4, 5), generator=g))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**batch).loss
-    loss.backward()
+        if backward_inside_autocast:
+            loss.backward()
+    if not backward_inside_autocast:
+        loss.backward()
+    assert gram_dtypes and set(gram_dtypes) == {torch.float32}
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     opt.step()
     reference(**batch).loss.backward()
@@ -400,3 +425,33 @@ def test_layer_used_without_its_forward_is_reported():
     nn.functional.cross_entropy(model[3](model[2](hidden)), y).backward()
     with pytest.warns(RuntimeWarning, match="0 got a gradient without running its forward"):
         opt.step()
+
+
+def test_multihead_attention_out_proj_is_not_managed():
+    """nn.MultiheadAttention calls F.linear on out_proj's weight: its hook would never run."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    model.attn = nn.MultiheadAttention(8, 2)
+    assert set(FNGD(model, share_coefficients=False).managed_modules) == {"0"}
+    with pytest.raises(ValueError, match="MultiheadAttention applies its out_proj weight directly"):
+        FNGD(model, share_coefficients=False, target_modules=["attn.out_proj"])
+
+
+def test_layer_called_twice_per_forward_is_reported():
+    model = make_mlp()
+    opt = FNGD(model, share_coefficients=False)
+    x, y = mlp_batch(0)
+    shared = model[3]
+    hidden = model[2](torch.tanh(model[0](x)))
+    logits = shared(hidden) + shared(hidden.flip(0))  # the same Linear twice in one forward
+    nn.functional.cross_entropy(logits, y).backward()
+    with pytest.warns(RuntimeWarning, match="3 got 2 backward passes"):
+        opt.step()
+
+
+def test_loading_a_state_with_other_sharing_settings_warns():
+    model = make_mlp()
+    opt = FNGD(model, steps_per_epoch=2)
+    train_steps(model, opt, seeds=[0])
+    other = FNGD(make_mlp(), steps_per_epoch=2, share_by="sample")
+    with pytest.warns(RuntimeWarning, match="share_by='position'"):
+        other.load_state_dict(opt.state_dict())

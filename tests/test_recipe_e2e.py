@@ -23,17 +23,6 @@ TINY_ARGS = [
 ]
 
 
-def fngd_trainer_available() -> bool:
-    try:
-        import fngd_hf
-
-        fngd_hf.FNGD  # noqa: B018 - the optimizer must exist
-        from fngd_hf.trainer import FNGDTrainer  # noqa: F401
-    except (ImportError, AttributeError):
-        return False
-    return True
-
-
 def load_recipe_module():
     if "multi30k_recipe" in sys.modules:
         return sys.modules["multi30k_recipe"]
@@ -105,7 +94,7 @@ def test_recipe_adamw(tmp_path, data_dir):
 @pytest.mark.parametrize(
     ("optimizer", "learning_rate"),
     [("adamw", "5e-3"),
-     pytest.param("fngd", "1e-1", marks=pytest.mark.skipif(not fngd_trainer_available(), reason="no fngd_hf.trainer"))],
+     ("fngd", "1e-2")],
 )
 def test_recipe_learns_a_toy_language_pair(tmp_path, optimizer, learning_rate):
     """On a word-for-word toy corpus a few epochs give high BLEU, and the shuffled-source check sees
@@ -120,7 +109,6 @@ def test_recipe_learns_a_toy_language_pair(tmp_path, optimizer, learning_rate):
     assert results["test"]["test_2016_flickr"]["bleu"] > 50
 
 
-@pytest.mark.skipif(not fngd_trainer_available(), reason="fngd_hf.FNGD / fngd_hf.trainer not available yet")
 def test_recipe_fngd(tmp_path, data_dir):
     output_dir = run_recipe(tmp_path / "fngd", data_dir, "fngd")
     check_output(output_dir, data_dir, "fngd")
