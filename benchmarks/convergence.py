@@ -66,7 +66,7 @@ VARIANT_FLAGS = {
     "constant": ["--lr_scheduler_type", "constant"],  # the paper keeps the learning rate constant
     "damping0.1": ["--fngd_damping", "0.1"],
     "by_sample": ["--fngd_share_by", "sample"],  # each sample keeps its first-epoch coefficient
-    "adamw_lr1e-3": ["--fngd_adamw_lr", "1e-3"],  # the AdamW part (embeddings, LayerNorm) at AdamW's own lr
+    "adamw_lr2e-3": ["--fngd_adamw_lr", "2e-3"],  # the AdamW part (embeddings, LayerNorm) at AdamW's best lr
 }
 
 
