@@ -446,6 +446,13 @@ def test_plain_seq2seq_trainer_with_fngd(tmp_path, model_fn):
     assert all(math.isfinite(v) for v in values)
     assert values[-1] < values[0] - 0.1
     assert optimizer.global_step == 32 and optimizer.skipped_steps == 0
+    assert optimizer.diagnostics()["fngd/fresh_fraction"] == pytest.approx(8 / 32)  # epochs 2-4 shared
+    # The same run through FNGDTrainer (GA 1, no clipping) lands on the same parameters.
+    twin = model_fn()
+    twin_trainer = FNGDTrainer(model=twin, args=make_args(tmp_path / "twin", max_steps=32, max_grad_norm=0.0),
+                               train_dataset=CopyTask(64), optimizers=(FNGD(twin, lr=1e-2, steps_per_epoch=8), None))
+    twin_trainer.train()
+    assert relative_difference(params_of(twin), params_of(model)) < 1e-6
 
 
 def test_source_check_and_training_clock_are_logged(tmp_path):
