@@ -221,7 +221,7 @@ def mlp_contribution(batch_size: int, loss_scale: float = 1.0) -> Callable:
     return contribution
 
 
-SEQ2SEQ_KINDS = ("bart", "marian")
+SEQ2SEQ_KINDS = ("bart", "marian", "t5")
 VOCAB = 50
 PAD, BOS, EOS = 1, 0, 2
 
@@ -258,6 +258,14 @@ def tiny_seq2seq(kind: str = "bart", seed: int = 0) -> nn.Module:
 
         config = MarianConfig(**common)
         model = MarianMTModel(config)
+    elif kind == "t5":  # no Linear has a bias; relative position bias instead of position embeddings
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        config = T5Config(
+            vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=2, num_heads=2,
+            dropout_rate=0.0, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD,
+        )
+        model = T5ForConditionalGeneration(config)
     else:
         raise ValueError(kind)
     return model.to(DTYPE).train()

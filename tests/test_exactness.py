@@ -32,7 +32,7 @@ def lr_of(kind, mode):
 
 def damping_of(kind, mode):
     return RELATIVE if mode == "relative" else FIXED["mlp" if is_mlp(kind) else "seq2seq"]
-KINDS = ["mlp", "mlp_nobias", "bart", "marian"]
+KINDS = ["mlp", "mlp_nobias", "bart", "marian", "t5"]
 
 
 def builder(kind, seed=0):
