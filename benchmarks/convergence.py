@@ -131,6 +131,19 @@ def run_method(name: str, lr: str, args, out: Path, variant: str = "") -> dict:
     return record
 
 
+def best_per_method(records: list[dict]) -> list[dict]:
+    """Each method's run (over learning rates; variants excluded) with the best final validation BLEU."""
+    best: dict[str, dict] = {}
+    for record in records:
+        if "epochs" not in record or record.get("variant"):
+            continue
+        score = record["epochs"][-1].get("val_bleu") or 0.0
+        kept = best.get(record["method"])
+        if kept is None or score > (kept["epochs"][-1].get("val_bleu") or 0.0):
+            best[record["method"]] = record
+    return list(best.values())
+
+
 def plot(records: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
