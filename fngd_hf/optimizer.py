@@ -14,6 +14,7 @@ from .base import LayerwiseOptimizer
 from .capture import CapturedLayer
 from .sample_sharing import SampleIndex
 
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
@@ -53,9 +54,9 @@ class FNGD(LayerwiseOptimizer):
     step moves a layer by at most ``lr·trust_ratio`` of its norm; ``"auto"`` = 1.0 for relative
     damping, off for fixed), ``scale_mode`` (``"shared"``: reuse ``β`` as stored;
     ``"refreshed"``: rescale it by ``tr(K_stored)/tr(K_new)``), ``clip_update_norm`` (global
-    norm clip of the applied update ``lr·(momentum buffer)``), ``stat_dtype`` (float32 or float64 for ``K`` and
-    the solve), ``gram_path`` (``"auto"``, ``"token"``, ``"per_sample"``), ``share_by``
-    (``"position"`` or ``"sample"``).
+    norm clip of the applied update ``lr·(momentum buffer)``), ``stat_dtype`` (float32 or
+    float64 for ``K`` and the solve), ``gram_path`` (``"auto"``, ``"token"``, ``"per_sample"``),
+    ``share_by`` (``"position"`` or ``"sample"``).
     """
 
     def __init__(
