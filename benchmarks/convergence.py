@@ -8,8 +8,8 @@ and epochs; only ``--optimizer`` and its learning rate (and the method's own fla
 Per epoch it records validation loss, validation loss with shuffled sources (the collapse
 check), validation BLEU and the training wall clock (evaluation excluded); at the end, BLEU and
 chrF on every test set. Writes ``curves.json`` and ``curves.png`` (loss and BLEU against epoch
-and against seconds) into ``--out``, and prints a table. ``--methods adamw:1e-3,adamw:3e-3,fngd:1e-2,fngd:1e-2:refreshed``
-picks methods, learning rates and variants (``VARIANT_FLAGS``); a small sweep is one method listed
+and against seconds) into ``--out``, and prints a table. ``--methods adamw:1e-3,adamw:3e-3,fngd:1e-2,fngd:1e-2:refreshed+damping1``
+picks methods, learning rates and variants (``VARIANT_FLAGS``, combined with ``+``); a small sweep is one method listed
 with several rates. Runs accumulate in ``curves.json`` across invocations (``--fresh`` starts over).
 """
 
@@ -65,6 +65,8 @@ VARIANT_FLAGS = {
     "nowarmup": ["--warmup_steps", "0"],
     "constant": ["--lr_scheduler_type", "constant"],  # the paper keeps the learning rate constant
     "damping0.1": ["--fngd_damping", "0.1"],
+    "damping0.03": ["--fngd_damping", "0.03"],
+    "damping1": ["--fngd_damping", "1.0"],
     "by_sample": ["--fngd_share_by", "sample"],  # each sample keeps its first-epoch coefficient
     "adamw_lr2e-3": ["--fngd_adamw_lr", "2e-3"],  # the AdamW part (embeddings, LayerNorm) at AdamW's best lr
 }
@@ -80,10 +82,16 @@ def parse_methods(text: str) -> list[tuple[str, str, str]]:
             raise ValueError(f"unknown method {name!r}; choose from {sorted(METHOD_FLAGS)}")
         if not lr:
             raise ValueError(f"give a learning rate as {name}:LR")
-        if variant and variant not in VARIANT_FLAGS:
-            raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANT_FLAGS)}")
+        unknown = [v for v in variant.split("+") if v and v not in VARIANT_FLAGS]
+        if unknown:
+            raise ValueError(f"unknown variant {unknown}; choose from {sorted(VARIANT_FLAGS)} (combine with +)")
         runs.append((name, lr, variant))
     return runs
+
+
+def variant_flags(variant: str) -> list[str]:
+    """Recipe flags of ``a+b`` variants, in order (a later flag wins in the recipe's parser)."""
+    return [flag for part in variant.split("+") if part for flag in VARIANT_FLAGS[part]]
 
 
 def run_label(record: dict) -> str:
@@ -100,7 +108,7 @@ def run_method(name: str, lr: str, args, out: Path, variant: str = "") -> dict:
         "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "50",
         "--report_to", "none", "--source_check", "True", "--disable_tqdm", "True",
         *(["--data_dir", str(args.data_dir)] if args.data_dir else []),
-        *SETTINGS[args.setting], *METHOD_FLAGS[name], *VARIANT_FLAGS.get(variant, []), *args.extra,
+        *SETTINGS[args.setting], *METHOD_FLAGS[name], *variant_flags(variant), *args.extra,
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
