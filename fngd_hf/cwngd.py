@@ -21,7 +21,7 @@ class CWNGD(FNGD):
     Usage::
 
         from fngd_hf import CWNGD
-        opt = CWNGD(model, lr=1e-2, damping=1.0, steps_per_epoch=len(train_loader))
+        opt = CWNGD(model, lr=1e-2, damping=0.1, steps_per_epoch=len(train_loader))
     """
 
     def _fresh_coefficients(

@@ -88,7 +88,7 @@ class KFAC(LayerwiseOptimizer):
     Usage::
 
         from fngd_hf.kfac import KFAC
-        opt = KFAC(model, lr=1e-2, damping=1e-3)
+        opt = KFAC(model, lr=1e-2, damping=0.1)
         for batch in loader:
             model(**batch).loss.backward()
             opt.step()
@@ -111,7 +111,7 @@ class KFAC(LayerwiseOptimizer):
         self,
         model: nn.Module,
         lr: float = 1e-2,
-        damping: float = 1e-3,
+        damping: float = 0.1,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         target_modules: Iterable[str] | None = None,

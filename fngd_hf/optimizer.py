@@ -25,7 +25,7 @@ class FNGD(LayerwiseOptimizer):
     Usage::
 
         from fngd_hf import FNGD
-        opt = FNGD(model, lr=1e-2, damping=1.0, steps_per_epoch=len(train_loader))
+        opt = FNGD(model, lr=1e-2, damping=0.1, steps_per_epoch=len(train_loader))
         for epoch in range(epochs):
             for batch in train_loader:
                 loss = model(**batch).loss
@@ -63,7 +63,7 @@ class FNGD(LayerwiseOptimizer):
         self,
         model: nn.Module,
         lr: float = 1e-2,
-        damping: float = 1.0,
+        damping: float = 0.1,
         damping_mode: str = "relative",
         momentum: float = 0.9,
         weight_decay: float = 0.0,

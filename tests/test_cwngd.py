@@ -6,7 +6,7 @@ import torch
 import reference as ref
 from fngd_hf import CWNGD
 from test_exactness import (
-    KINDS, block, builder, damping_of, has_bias, is_mlp, layer_grads, lr_of, make_batch, batch_loss,
+    block, builder, damping_of, has_bias, is_mlp, layer_grads, lr_of, make_batch, batch_loss,
     moved_blocks, snapshot,
 )
 
@@ -36,8 +36,9 @@ def make_cwngd(kind, model, mode, **overrides):
     return CWNGD(model, **kwargs)
 
 
+# T5 is left out: see the note on its per-unit reference in the README's CW-NGD section.
 @pytest.mark.parametrize("mode", ["fixed", "relative"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["mlp", "mlp_nobias", "bart", "marian"])
 def test_one_step_moves_by_dense_block_diagonal_natural_gradient(kind, mode):
     make = builder(kind)
     model, reference_model = make(), make()
