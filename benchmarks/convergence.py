@@ -58,7 +58,11 @@ METHOD_FLAGS = {
 VARIANT_FLAGS = {
     "refreshed": ["--fngd_scale_mode", "refreshed"],  # rescale shared beta by tr(K_stored)/tr(K_new)
     "fixed": ["--fngd_damping_mode", "fixed", "--fngd_damping", "1e-3", "--fngd_trust_ratio", "none"],
-    "paper": ["--fngd_trust_ratio", "none"],  # relative damping, no safeguard: the paper's setting
+    "no_trust": ["--fngd_trust_ratio", "none"],  # relative damping without the trust region
+    # the paper's setting, flag for flag recipes/configs/fngd_paper.yaml (tests check they agree)
+    "paper": ["--fngd_damping_mode", "relative", "--fngd_damping", "1.0", "--fngd_share_coefficients", "True",
+              "--fngd_share_by", "position", "--fngd_scale_mode", "shared", "--fngd_trust_ratio", "none",
+              "--max_grad_norm", "0.0", "--lr_scheduler_type", "constant"],
     "trust3": ["--fngd_trust_ratio", "3"],
     "trust0.3": ["--fngd_trust_ratio", "0.3"],
     "warmup": ["--warmup_steps", "0.05"],

@@ -213,3 +213,23 @@ def test_learning_rate_defaults_to_the_methods_own(tmp_path):
     config.write_text(json.dumps({"output_dir": out, "learning_rate": 0.02}))
     _, _, args = recipe.parse_args([str(config)])
     assert args.learning_rate == 0.02
+
+
+def test_paper_setting_by_name_matches_the_benchmark_variant(tmp_path):
+    """recipes/configs/fngd_paper.yaml and convergence.py's "paper" variant are the same setting."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from convergence import VARIANT_FLAGS
+
+    recipe = load_recipe_module()
+    out = str(tmp_path / "o")
+    _, _, by_name = recipe.parse_args([str(REPO / "recipes" / "configs" / "fngd_paper.yaml"), "--output_dir", out])
+    _, _, by_flags = recipe.parse_args(["--output_dir", out, "--optimizer", "fngd", "--learning_rate", "0.01",
+                                        *VARIANT_FLAGS["paper"]])
+    _, _, default = recipe.parse_args(["--output_dir", out, "--optimizer", "fngd"])
+    fields = ("optimizer", "learning_rate", "fngd_damping", "fngd_damping_mode", "fngd_share_coefficients",
+              "fngd_share_by", "fngd_scale_mode", "fngd_trust_ratio", "max_grad_norm", "lr_scheduler_type")
+    assert {f: getattr(by_name, f) for f in fields} == {f: getattr(by_flags, f) for f in fields}
+    assert by_name.fngd_trust_ratio is None and by_name.max_grad_norm == 0.0 and by_name.fngd_damping == 1.0
+    assert str(getattr(by_name.lr_scheduler_type, "value", by_name.lr_scheduler_type)) == "constant"
+    # and the package defaults are a different setting (the test can fail)
+    assert default.fngd_trust_ratio == "auto" and default.fngd_damping == 0.1
