@@ -170,8 +170,10 @@ def plot(records: list[dict], path: Path, title: str) -> None:
         epochs = [e["epoch"] for e in record["epochs"]]
         seconds = [e["train_seconds"] for e in record["epochs"]]
         axes[0, 0].plot(epochs, [e["val_loss"] for e in record["epochs"]], marker="o", label=label)
-        axes[0, 1].plot(seconds, [e["val_loss"] for e in record["epochs"]], marker="o", label=label)
         axes[1, 0].plot(epochs, [e["val_bleu"] for e in record["epochs"]], marker="o", label=label)
+        if record.get("seconds_disturbed"):  # its wall clock shared the cores with other runs: no time axis
+            continue
+        axes[0, 1].plot(seconds, [e["val_loss"] for e in record["epochs"]], marker="o", label=label)
         axes[1, 1].plot(seconds, [e["val_bleu"] for e in record["epochs"]], marker="o", label=label)
     for ax, (ylabel, xlabel) in zip(axes.flat, [("val loss", "epoch"), ("val loss", "training seconds"),
                                                  ("val BLEU", "epoch"), ("val BLEU", "training seconds")]):

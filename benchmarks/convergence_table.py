@@ -23,10 +23,16 @@ def name(run: dict) -> str:
     return run["method"] + (f" ({run['variant']})" if run.get("variant") else "")
 
 
+def seconds(run: dict) -> str:
+    """Training wall clock; ``*`` where the run shared its cores with other runs (``seconds_disturbed``)."""
+    return f"{run['epochs'][-1]['train_seconds']:.0f}" + ("*" if run.get("seconds_disturbed") else "")
+
+
 def best_bleu_epoch(run: dict) -> str:
     epochs = run["epochs"]
     best = max(epochs, key=lambda e: e.get("val_bleu") or 0.0)
-    return f"{best.get('val_bleu') or 0.0:.1f} (ep {best['epoch']:g}, {best['train_seconds']:.0f} s)"
+    clock = "" if run.get("seconds_disturbed") else f", {best['train_seconds']:.0f} s"
+    return f"{best.get('val_bleu') or 0.0:.1f} (ep {best['epoch']:g}{clock})"
 
 
 def table(runs: list[dict]) -> str:
@@ -48,7 +54,7 @@ def table(runs: list[dict]) -> str:
         beam_cell = f"{beam['bleu']:.1f} / {beam['chrf']:.1f}" if beam else "-"
         rows.append(
             f"| {name(run)} | {run['lr']:g} | {losses} | {bleus} | {best_bleu_epoch(run)} | {gap:.2f} | "
-            f"{epochs[-1]['train_seconds']:.0f} | {test.get('bleu', float('nan')):.1f} | {beam_cell} |"
+            f"{seconds(run)} | {test.get('bleu', float('nan')):.1f} | {beam_cell} |"
         )
     return "\n".join(rows)
 
@@ -84,6 +90,8 @@ def main() -> None:
     best = sorted(best_per_method(runs), key=lambda r: order.get(r["method"], 99))
     print("\nEach method at its best learning rate (by final validation BLEU):\n")
     print(table(best))
+    if any(r.get("seconds_disturbed") for r in runs):
+        print("\n`*`: the run shared its cores with other runs; its seconds are not comparable (left off the time plots).")
     title = f"Multi30K en-de, setting '{summary['setting']}': {summary['machine']}"
     plot(best, args.folder / "curves.png", "each method at its best lr; " + title)
     ablations = [r for r in runs if r["method"] in ("fngd", "ngd")]
