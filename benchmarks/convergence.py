@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -162,19 +163,20 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for record in records:
-        if "epochs" not in record:
-            continue
+    shown = [r for r in records if "epochs" in r]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5 + 0.06 * len(shown)))
+    colours = plt.get_cmap("tab20").colors
+    for index, record in enumerate(shown):
+        style = dict(color=colours[index % len(colours)], linestyle=("-", "--", ":")[index // len(colours) % 3])
         label = run_label(record)
         epochs = [e["epoch"] for e in record["epochs"]]
         seconds = [e["train_seconds"] for e in record["epochs"]]
-        axes[0, 0].plot(epochs, [e["val_loss"] for e in record["epochs"]], marker="o", label=label)
-        axes[1, 0].plot(epochs, [e["val_bleu"] for e in record["epochs"]], marker="o", label=label)
+        axes[0, 0].plot(epochs, [e["val_loss"] for e in record["epochs"]], marker="o", label=label, **style)
+        axes[1, 0].plot(epochs, [e["val_bleu"] for e in record["epochs"]], marker="o", label=label, **style)
         if record.get("seconds_disturbed"):  # its wall clock shared the cores with other runs: no time axis
             continue
-        axes[0, 1].plot(seconds, [e["val_loss"] for e in record["epochs"]], marker="o", label=label)
-        axes[1, 1].plot(seconds, [e["val_bleu"] for e in record["epochs"]], marker="o", label=label)
+        axes[0, 1].plot(seconds, [e["val_loss"] for e in record["epochs"]], marker="o", label=label, **style)
+        axes[1, 1].plot(seconds, [e["val_bleu"] for e in record["epochs"]], marker="o", label=label, **style)
     for ax, (ylabel, xlabel) in zip(axes.flat, [("val loss", "epoch"), ("val loss", "training seconds"),
                                                  ("val BLEU", "epoch"), ("val BLEU", "training seconds")]):
         ax.set_xlabel(xlabel)
@@ -184,9 +186,12 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     if losses:  # a diverged run would squash every other curve: cut the axis at 8 nats
         for ax in axes[0]:
             ax.set_ylim(min(losses) - 0.2, min(max(losses), 8.0) + 0.2)
-    axes[0, 0].legend(fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    columns = 3 if len(shown) > 8 else 4
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    rows = math.ceil(len(shown) / columns)
+    fig.tight_layout(rect=(0, min(0.02 + 0.016 * rows, 0.5), 1, 1))
     fig.savefig(path, dpi=110)
 
 
