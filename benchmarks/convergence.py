@@ -26,6 +26,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PAPER_CONFIG = REPO / "recipes" / "configs" / "fngd_paper.yaml"
+
+
+def config_flags(path: Path) -> list[str]:
+    """A recipe config file as recipe flags, without ``optimizer`` and ``learning_rate`` (the benchmark sets those)."""
+    import yaml
+
+    flags = []
+    for key, value in yaml.safe_load(path.read_text(encoding="utf-8")).items():
+        if key not in ("optimizer", "learning_rate"):
+            flags += [f"--{key}", str(value)]
+    return flags
 
 # Recipe flags of each setting; both use the same data pipeline and evaluation.
 SETTINGS = {
@@ -60,10 +72,7 @@ VARIANT_FLAGS = {
     "refreshed": ["--fngd_scale_mode", "refreshed"],  # rescale shared beta by tr(K_stored)/tr(K_new)
     "fixed": ["--fngd_damping_mode", "fixed", "--fngd_damping", "1e-3", "--fngd_trust_ratio", "none"],
     "no_trust": ["--fngd_trust_ratio", "none"],  # relative damping without the trust region
-    # the paper's setting, flag for flag recipes/configs/fngd_paper.yaml (tests check they agree)
-    "paper": ["--fngd_damping_mode", "relative", "--fngd_damping", "1.0", "--fngd_share_coefficients", "True",
-              "--fngd_share_by", "position", "--fngd_scale_mode", "shared", "--fngd_trust_ratio", "none",
-              "--max_grad_norm", "0.0", "--lr_scheduler_type", "constant"],
+    "paper": config_flags(PAPER_CONFIG),  # the paper's setting, read from the recipe's named config
     "trust3": ["--fngd_trust_ratio", "3"],
     "trust0.3": ["--fngd_trust_ratio", "0.3"],
     "warmup": ["--warmup_steps", "0.05"],
