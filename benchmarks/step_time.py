@@ -25,7 +25,8 @@ Methods (``--methods``, comma separated):
   steps, so every measured step reuses stored coefficients and forms no ``K``);
 * ``ngd``: FNGD with ``share_coefficients=False`` (fresh coefficients at every step);
 * variants (not in the default list): ``fngd_first_token`` / ``fngd_first_ps`` (``gram_path``
-  forced); the other methods of the package: ``cwngd_first`` / ``cwngd_shared``, ``kfac`` (factors
+  forced), ``fngd_first_checked`` (``solve_check="per_layer"``: a host sync per layer, the GPU
+  default before the check moved to ``step()``); the other methods of the package: ``cwngd_first`` / ``cwngd_shared``, ``kfac`` (factors
   every step, inverses every 10), ``sngd`` (refresh every 10), ``shampoo`` (pytorch-optimizer,
   preconditioners every 10 steps). K-FAC/SNGD/Shampoo medians include their periodic refresh steps.
 
@@ -121,6 +122,8 @@ def make_optimizer(method, model, device, total_steps):
         return FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, gram_path="token", **fngd_kwargs)
     if method == "fngd_first_ps":
         return FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, gram_path="per_sample", **fngd_kwargs)
+    if method == "fngd_first_checked":
+        return FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, solve_check="per_layer", **fngd_kwargs)
     if method == "fngd_shared":
         return FNGD(model, share_coefficients=True, steps_per_epoch=2, **fngd_kwargs)
     if method == "ngd":
@@ -314,12 +317,12 @@ class Timers:
 def profile_fngd(base_model, batches, args, device, methods):
     """Per-function sync-bracketed timers, then torch.profiler's top operators per method."""
     report = {}
-    originals = {name: getattr(F, name) for name in ("gram_matrix", "damping_times_batch", "solve_coefficients", "weighted_gradient")}
+    originals = {name: getattr(F, name) for name in ("gram_matrix", "damping_times_batch", "solve_coefficients", "solve_coefficients_deferred", "weighted_gradient")}
     fngd_methods = {
         "_layer_gradient (whole hook)": FNGD._layer_gradient,
         "_stored_coefficients": FNGD._stored_coefficients,
         "_store (bank write)": FNGD._store,
-        "_all_finite (step sync)": FNGD._all_finite,
+        "_step_checks (step sync)": FNGD._step_checks,
         "_managed_group_step": FNGD._managed_group_step,
         "_adamw_group_step": FNGD._adamw_group_step,
     }
@@ -327,7 +330,7 @@ def profile_fngd(base_model, batches, args, device, methods):
         "_layer_gradient (whole hook)": "_layer_gradient",
         "_stored_coefficients": "_stored_coefficients",
         "_store (bank write)": "_store",
-        "_all_finite (step sync)": "_all_finite",
+        "_step_checks (step sync)": "_step_checks",
         "_managed_group_step": "_managed_group_step",
         "_adamw_group_step": "_adamw_group_step",
     }

@@ -118,9 +118,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._capture_enabled = True
         self._finite: torch.Tensor | None = None  # every direction finite since the last step
+        self._factored: torch.Tensor | None = None  # every deferred-check Cholesky since the last step succeeded
         self._bypassed_warned: set[str] = set()
         self._trust_clipped: torch.Tensor | float = 0.0  # sum over steps of the share of layers the trust region shrank
         self._trust_steps = 0
+        self._owner_index_cache: tuple | None = None  # ((owner list, device), its device tensor)
         self._layers: list[CapturedLayer] = [
             attach(name, module, self._layer_gradient, lambda: self._capture_enabled)
             for name, module in modules.items()
@@ -155,7 +157,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """
         super().zero_grad(set_to_none=set_to_none)
         self._discard_staged()
-        self._finite = None
+        self._finite = self._factored = None
         for layer in self._layers:
             layer.micro_batches = 0
 
@@ -199,6 +201,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         finite = torch.isfinite(tensor).all()
         self._finite = finite if self._finite is None else self._finite & finite
 
+    def _note_factored(self, factored: torch.Tensor) -> None:
+        """Record a solve whose success is checked once in ``step()`` (no host sync in backward)."""
+        self._factored = factored if self._factored is None else self._factored & factored
+
+    def _solve_failed(self) -> None:
+        """A deferred-check solve failed: the step is skipped; subclasses switch to checked solves."""
+
     def _extra_state(self) -> dict:
         return {}
 
@@ -219,7 +228,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 "Use bf16 autocast (statistics stay float32) or float32."
             )
         self._check_ready()
-        if not self._all_finite():
+        finite, factored = self._step_checks()
+        if finite and not factored:
+            self.skipped_steps += 1
+            self._solve_failed()
+        elif not finite:
             self.skipped_steps += 1
             # Warn on the 1st, 2nd, 4th, 8th ... skip: visible without flooding the log.
             if self.skipped_steps & (self.skipped_steps - 1) == 0:
@@ -238,23 +251,31 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     self._adamw_group_step(group)
             self._after_step()
         self._discard_staged()
-        self._finite = None
+        self._finite = self._factored = None
         for layer in self._layers:
             layer.micro_batches = 0
         self.global_step += 1
         return loss
 
-    def _all_finite(self) -> bool:
-        """One host sync for every gradient and every statistic computed since the last step.
+    def _step_checks(self) -> tuple[bool, bool]:
+        """``(finite, factored)`` in one host sync for every gradient and statistic since the last step.
 
         The norms come from one ``_foreach_norm`` (a handful of kernels, not a few per tensor); a
-        norm that overflows float32 (entries around 1e19) also counts as non-finite.
+        norm that overflows float32 (entries around 1e19) also counts as non-finite. ``factored``:
+        every solve whose check was deferred to here succeeded.
         """
         tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         flags = [torch.stack(torch._foreach_norm(tensors)).isfinite().all()] if tensors else []
         if self._finite is not None:
-            flags.append(self._finite.to(flags[0].device) if flags else self._finite)
-        return bool(torch.stack(flags).all()) if flags else True
+            flags.append(self._finite)
+        if self._factored is not None:
+            flags.append(self._factored)
+        if not flags:
+            return True, True
+        values = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # the one sync
+        if self._factored is None:
+            return all(values), True
+        return all(values[:-1]), bool(values[-1])
 
     def _managed_group_step(self, group: dict) -> None:
         """Trust region, weight decay, momentum, update clip and ``p -= lr·d``, as ``_foreach`` ops."""
@@ -286,7 +307,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             # Trust region: ‖d‖ <= ratio·‖[W|b]‖ per layer (weight and bias together), so a step moves a
             # layer by at most lr·ratio of its norm before momentum; lr and its schedule still apply.
             direction_norms = torch.stack(torch._foreach_norm(directions)).float()
-            owner_index = torch.tensor(owner, device=direction_norms.device)
+            owner_index = self._owner_index(owner, direction_norms.device)
             param_norms = torch.stack(torch._foreach_norm(params)).float()
             layers = len(self._layers)
             layer_d = direction_norms.new_zeros(layers).index_add_(0, owner_index, direction_norms.square()).sqrt_()
@@ -320,6 +341,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             factor = torch.clamp(self.clip_update_norm / step_norm.clamp(min=1e-30), max=1.0)
             directions = torch._foreach_mul(directions, factor.to(directions[0].dtype))
         torch._foreach_add_(params, directions, alpha=-lr)
+
+    def _owner_index(self, owner: list[int], device: torch.device) -> torch.Tensor:
+        """``owner`` as a device tensor, copied to the device once, not at every step."""
+        key = (tuple(owner), device)
+        cached = self._owner_index_cache
+        if cached is None or cached[0] != key:
+            self._owner_index_cache = cached = (key, torch.tensor(owner, device=device))
+        return cached[1]
 
     def _check_backward_counts(self) -> None:
         """A layer called twice per forward (a shared layer) gets two backward passes per micro-batch."""

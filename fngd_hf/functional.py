@@ -196,6 +196,29 @@ def solve_coefficients(
     return torch.where(empty[..., None], torch.zeros_like(beta), beta), damping_b
 
 
+def solve_coefficients_deferred(
+    gram: torch.Tensor, damping_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``β = (K + λB I)⁻¹ 1`` with no host sync: returns ``(β, λB used, factored)``.
+
+    ``factored`` is a 0-d bool tensor, true when every system was positive definite (or ``K``
+    was not finite, which the caller's finiteness check catches). When it is false ``β`` is
+    meaningless and the caller must not apply it; :func:`solve_coefficients` is the variant
+    that retries instead. A zero ``K`` with zero damping gives ``β = 0``, as there.
+    """
+    batch = gram.shape[-1]
+    ones = torch.ones(*gram.shape[:-1], 1, dtype=gram.dtype, device=gram.device)
+    eye = torch.eye(batch, dtype=gram.dtype, device=gram.device)
+    damping_b = damping_b.to(gram.dtype)
+    empty = (damping_b == 0) & (gram == 0).all(dim=-1).all(dim=-1)  # no gradient, relative damping 0
+    damping_b = torch.where(empty, torch.ones_like(damping_b), damping_b)
+    factor, info = torch.linalg.cholesky_ex(gram + damping_b[..., None, None] * eye)
+    beta = torch.cholesky_solve(ones, factor).squeeze(-1)
+    beta = torch.where(empty[..., None], torch.zeros_like(beta), beta)
+    factored = ((info == 0) | ~torch.isfinite(gram).all(dim=-1).all(dim=-1)).all()
+    return beta, damping_b, factored
+
+
 def weighted_gradient(
     x: torch.Tensor,
     delta: torch.Tensor,

@@ -56,7 +56,10 @@ class FNGD(LayerwiseOptimizer):
     ``"refreshed"``: rescale it by ``tr(K_stored)/tr(K_new)``), ``clip_update_norm`` (global
     norm clip of the applied update ``lr·(momentum buffer)``), ``stat_dtype`` (float32 or
     float64 for ``K`` and the solve), ``gram_path`` (``"auto"``, ``"token"``, ``"per_sample"``),
-    ``share_by`` (``"position"`` or ``"sample"``).
+    ``share_by`` (``"position"`` or ``"sample"``), ``solve_check`` (``"per_layer"``: each Cholesky
+    is checked as it happens, a host sync per layer, and retried with more damping if it fails;
+    ``"per_step"``: checked once in ``step()``, and a failure skips that step and switches to
+    ``"per_layer"``; ``"auto"`` = per step on GPUs, per layer on CPUs).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class FNGD(LayerwiseOptimizer):
         stat_dtype: torch.dtype = torch.float32,
         gram_path: str = "auto",
         share_by: str = "position",
+        solve_check: str = "auto",
     ):
         if not damping > 0.0:
             raise ValueError(f"Invalid damping: {damping} (must be > 0)")
@@ -102,6 +106,8 @@ class FNGD(LayerwiseOptimizer):
             raise ValueError(f"Invalid gram_path: {gram_path!r}")
         if share_by not in ("position", "sample"):
             raise ValueError(f"Invalid share_by: {share_by!r} (expected 'position' or 'sample')")
+        if solve_check not in ("auto", "per_layer", "per_step"):
+            raise ValueError(f"Invalid solve_check: {solve_check!r} (expected 'auto', 'per_layer' or 'per_step')")
         self.steps_per_epoch = steps_per_epoch  # validates before any hook is attached
         super().__init__(
             model,
@@ -123,6 +129,8 @@ class FNGD(LayerwiseOptimizer):
         self.stat_dtype = stat_dtype
         self.gram_path = gram_path
         self.share_by = share_by
+        self.solve_check = solve_check
+        self._solve_check_fell_back = False  # a per-step check failed once: per-layer checks from then on
         self._sample_index = SampleIndex()
         self._next_sample_ids: list[int] | None = None  # from set_sample_ids, for the next micro-batch
         self._sample_ids: dict[int, list[int]] = {}  # micro-batch index of this step -> its sample ids
@@ -254,8 +262,31 @@ class FNGD(LayerwiseOptimizer):
         gram = F.gram_matrix(x, delta, layer.has_bias, scale, self._gram_path(x), tokens)
         norm = torch.linalg.matrix_norm(gram)
         damping_b = F.damping_times_batch(gram, group["damping"], group["damping_mode"], group["damping_floor"], norm)
-        beta, damping_b = F.solve_coefficients(gram, damping_b)
+        beta, damping_b = self._solve(gram, damping_b)
         return beta, gram.diagonal(), damping_b, norm
+
+    def _solve(self, gram: torch.Tensor, damping_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(β, λB used)``. Checked per layer (one host sync each, retries with more damping) or,
+        on GPUs, once in ``step()``: a GPU step is bound by the host, and 96 syncs per step stall it."""
+        mode = self.solve_check
+        if mode == "auto":
+            mode = "per_step" if gram.is_cuda else "per_layer"
+        if mode == "per_layer" or self._solve_check_fell_back:
+            return F.solve_coefficients(gram, damping_b)
+        beta, damping_b, factored = F.solve_coefficients_deferred(gram, damping_b)
+        self._note_factored(factored)
+        return beta, damping_b
+
+    def _solve_failed(self) -> None:
+        self._solve_check_fell_back = True
+        warnings.warn(
+            f"{type(self).__name__} skipped step {self.global_step}: a damped Gram matrix was not positive "
+            "definite in floating point, and solve_check='per_step' checks only at step() time. Parameters, "
+            "momentum and statistics are unchanged; from now on every solve is checked where it happens and "
+            "retried with more damping (solve_check='per_layer').",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _gram_path(self, x: torch.Tensor) -> str:
         # Measured (benchmarks/step_time.py --micro): on GPUs the token Gram is as fast or faster for
@@ -480,6 +511,7 @@ class FNGD(LayerwiseOptimizer):
             "share_coefficients": self.share_coefficients,
             "scale_mode": self.scale_mode,
             "share_by": self.share_by,
+            "solve_check_fell_back": self._solve_check_fell_back,
             "sample_ids": self._sample_index.to_tensor(),
             "incomplete_layers": sorted(self._incomplete_layers),
         }
@@ -495,6 +527,7 @@ class FNGD(LayerwiseOptimizer):
                     stacklevel=3,
                 )
         self._host_sizes.clear()
+        self._solve_check_fell_back = bool(extra.get("solve_check_fell_back", False))
         self._sample_index = SampleIndex(extra.get("sample_ids"))
         self._incomplete_layers = set(extra.get("incomplete_layers", ()))
         if extra.get("steps_per_epoch") is not None:

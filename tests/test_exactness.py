@@ -154,6 +154,24 @@ def test_one_step_moves_by_dense_natural_gradient(kind, mode):
     assert_moves(opt, before, expected)
 
 
+@pytest.mark.parametrize("mode", ["fixed", "relative"])
+@pytest.mark.parametrize("kind", ["mlp", "marian"])
+def test_solve_checked_at_step_time_is_exact_too(kind, mode):
+    """solve_check='per_step' (the GPU default: no host sync per layer) gives the same exact step."""
+    build = builder(kind)
+    model = build()
+    reference_model = ref.clone_model(model, build)
+    opt = make_fngd(kind, model, mode, solve_check="per_step")
+    batch = make_batch(kind, seed=1)
+    expected = dense_directions(kind, reference_model, batch, opt, mode)
+    before = snapshot(opt)
+    batch_loss(kind, model, batch).backward()
+    assert opt._factored is not None  # the check really was deferred to step()
+    opt.step()
+    assert opt.skipped_steps == 0
+    assert_moves(opt, before, expected)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "bart"])
 def test_second_step_uses_fresh_statistics(kind):
     """Two consecutive steps (sharing off): the second one is exact at the moved parameters."""

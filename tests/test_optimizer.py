@@ -455,3 +455,70 @@ def test_loading_a_state_with_other_sharing_settings_warns():
     other = FNGD(make_mlp(), steps_per_epoch=2, share_by="sample")
     with pytest.warns(RuntimeWarning, match="share_by='position'"):
         other.load_state_dict(opt.state_dict())
+
+
+def test_deferred_solve_matches_checked_solve():
+    g = torch.Generator().manual_seed(4)
+    factors = torch.randn(5, 6, 3, generator=g, dtype=torch.float64)
+    grams = factors @ factors.transpose(1, 2)  # rank 3 of 6: the damping carries the solve
+    grams[2] = 0.0  # a unit with no gradient at all (relative damping 0): zero coefficients
+    damping_b = functional.damping_times_batch(grams, 0.1, "relative", 0.0)
+    checked, checked_used = functional.solve_coefficients(grams, damping_b)
+    deferred, deferred_used, factored = functional.solve_coefficients_deferred(grams, damping_b)
+    assert bool(factored)
+    torch.testing.assert_close(deferred, checked)
+    torch.testing.assert_close(deferred_used, checked_used)
+    assert torch.all(deferred[2] == 0) and torch.all(deferred[[0, 1, 3, 4]] != 0)
+
+
+def test_deferred_solve_reports_an_indefinite_system_and_leaves_non_finite_to_the_caller():
+    _, _, factored = functional.solve_coefficients_deferred(torch.tensor([[1.0, 2.0], [2.0, 1.0]]), torch.tensor(0.0))
+    assert not bool(factored)
+    beta, _, factored = functional.solve_coefficients_deferred(torch.full((2, 2), float("nan")), torch.tensor(1.0))
+    assert bool(factored) and not torch.isfinite(beta).all()  # the step's finiteness check skips it
+
+
+def _rank_deficient_mlp_run(solve_check, steps):
+    """Fixed damping 1e-30 in float32: K + λBI (rank <= 4 of 32) is indefinite after rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = FNGD(model, lr=1e-3, damping=1e-30, damping_mode="fixed", share_coefficients=False, solve_check=solve_check)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 2, generator=g), torch.randint(0, 2, (32,), generator=g)
+    for _ in range(steps):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_failed_step_time_check_skips_the_step_then_checks_per_layer():
+    checked, checked_opt = _rank_deficient_mlp_run("per_layer", 2)
+    assert checked_opt.skipped_steps == 0  # the per-layer check retries with more damping
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        deferred, deferred_opt = _rank_deficient_mlp_run("per_step", 1)
+    assert deferred_opt.skipped_steps == 1 and deferred_opt.global_step == 1
+    torch.manual_seed(0)
+    untouched = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2))
+    for p, q in zip(deferred.parameters(), untouched.parameters()):
+        assert torch.equal(p, q)  # nothing moved
+    assert all(len(state) == 0 for state in deferred_opt.state.values())  # no momentum, no moments
+    # The fallback survives a checkpoint, and the next steps are the per-layer-checked ones.
+    saved = deferred_opt.state_dict()
+    resumed = FNGD(deferred, lr=1e-3, damping=1e-30, damping_mode="fixed", share_coefficients=False, solve_check="per_step")
+    resumed.load_state_dict(saved)
+    deferred_opt.remove_hooks()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 2, generator=g), torch.randint(0, 2, (32,), generator=g)
+    for _ in range(2):
+        nn.functional.cross_entropy(deferred(x), y).backward()
+        resumed.step()
+        resumed.zero_grad()
+    assert resumed.skipped_steps == 1
+    for p, q in zip(deferred.parameters(), checked.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_invalid_solve_check_is_rejected():
+    with pytest.raises(ValueError, match="solve_check"):
+        FNGD(make_mlp(), solve_check="never")
