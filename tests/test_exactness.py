@@ -439,3 +439,31 @@ def test_sharing_by_sample_needs_ids_for_every_micro_batch():
         batch_loss("mlp", model, batch).backward()
     with pytest.raises(ValueError, match="share_by"):
         make_fngd("mlp", model, "fixed", share_by="batch")
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_steps(use_reentrant):
+    """Recomputed forwards (HF gradient checkpointing) capture once per backward, as without it.
+
+    Reentrant: the first forward runs without grad (no capture) and the recompute captures.
+    Non-reentrant: the first forward captures and the recompute only refills saved tensors.
+    """
+    runs = []
+    for checkpointed in (False, True):
+        model = ref.tiny_seq2seq("marian", seed=0)
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.train()
+        opt = FNGD(model, lr=1e-2, damping=0.1, steps_per_epoch=1, momentum=0.9, stat_dtype=torch.float64)
+        for step in range(3):  # step 0 computes coefficients, steps 1-2 reuse them
+            ref.seq2seq_loss(model, ref.seq2seq_batch(4, step)).backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((model, opt))
+    (plain, plain_opt), (checkpointed, checkpointed_opt) = runs
+    assert checkpointed_opt.skipped_steps == 0
+    assert checkpointed_opt.diagnostics()["fngd/fresh_fraction"] == plain_opt.diagnostics()["fngd/fresh_fraction"]
+    initial = ref.tiny_seq2seq("marian", seed=0)
+    for (name, p), q, p0 in zip(checkpointed.named_parameters(), plain.parameters(), initial.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+    assert max(float((p - p0).abs().max()) for p, p0 in zip(plain.parameters(), initial.parameters())) > 1e-3
