@@ -177,12 +177,17 @@ class FNGD(LayerwiseOptimizer):
             )
         return self.global_step % self._steps_per_epoch
 
-    def _stored_size(self, layer: CapturedLayer, slot: int, micro: int) -> int:
-        """Batch size of a bank slot (0 = empty), from a host copy: no device sync per layer."""
+    def _host_size_table(self, layer: CapturedLayer) -> list[list[int]]:
+        """Host copy of the layer's ``coef_size``; read from the device only after a checkpoint load."""
         sizes = self._host_sizes.get(id(layer))
         if sizes is None:
             tensor = self.state.get(layer.weight, {}).get("coef_size")
             sizes = self._host_sizes[id(layer)] = tensor.tolist() if tensor is not None else []
+        return sizes
+
+    def _stored_size(self, layer: CapturedLayer, slot: int, micro: int) -> int:
+        """Batch size of a bank slot (0 = empty), from a host copy: no device sync per layer."""
+        sizes = self._host_size_table(layer)
         return sizes[slot][micro] if slot < len(sizes) and micro < len(sizes[slot]) else 0
 
     def _stored_coefficients(self, layer: CapturedLayer, slot: int, micro: int, batch: int):
@@ -368,6 +373,7 @@ class FNGD(LayerwiseOptimizer):
             state["coef_bank"] = beta.new_zeros(period, micro + 1, batch, *unit_shape)
             state["coef_size"] = torch.zeros(period, micro + 1, dtype=torch.int64, device=beta.device)
             state["coef_trace"] = beta.new_zeros(period, micro + 1, *unit_shape)
+            self._host_sizes[id(layer)] = [[0] * (micro + 1) for _ in range(period)]
         bank = state["coef_bank"]
         if micro >= bank.shape[1] or batch > bank.shape[2]:
             micro_cap, batch_cap = max(micro + 1, bank.shape[1]), max(batch, bank.shape[2])
@@ -379,10 +385,13 @@ class FNGD(LayerwiseOptimizer):
             traces[:, : bank.shape[1]] = state["coef_trace"]
             state["coef_bank"], state["coef_size"], state["coef_trace"] = grown, sizes, traces
             bank = grown
+        host = self._host_size_table(layer)  # read before the write below, so it is the old table
+        for row in host:
+            row.extend([0] * (bank.shape[1] - len(row)))
         bank[slot, micro].zero_()
         bank[slot, micro, :batch] = beta
         state["coef_size"][slot, micro] = batch
-        self._host_sizes.pop(id(layer), None)  # re-read once on next use
+        host[slot][micro] = batch  # the host copy follows the tensor: no device read later
         state["coef_trace"][slot, micro] = trace
 
     # ------------------------------------------------------------- bank by sample (share_by)

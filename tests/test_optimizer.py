@@ -522,3 +522,24 @@ def test_failed_step_time_check_skips_the_step_then_checks_per_layer():
 def test_invalid_solve_check_is_rejected():
     with pytest.raises(ValueError, match="solve_check"):
         FNGD(make_mlp(), solve_check="never")
+
+
+def test_host_copy_of_bank_sizes_follows_growth_and_checkpoints():
+    """The shared phase reads bank sizes from a host copy (no device read per layer): it must match."""
+    model = make_mlp()
+    opt = FNGD(model, lr=0.01, steps_per_epoch=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # 2 micro-batches against the declared 1
+        for step, micro_batches in enumerate(([3], [5], [2, 4])):  # the bank grows in batch, then in micro
+            for micro, batch in enumerate(micro_batches):
+                x, y = mlp_batch(10 * step + micro, batch=batch)
+                nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    expected = [[3, 0], [5, 0], [2, 4]]
+    for layer in opt._layers:
+        assert opt.state[layer.weight]["coef_size"].tolist() == expected
+        assert opt._host_size_table(layer) == expected
+    resumed = FNGD(make_mlp(), lr=0.01, steps_per_epoch=3)
+    resumed.load_state_dict(opt.state_dict())
+    assert [resumed._stored_size(layer, 2, 1) for layer in resumed._layers] == [4] * len(resumed._layers)
