@@ -117,8 +117,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.global_step = 0
         self.skipped_steps = 0
         self._capture_enabled = True
-        self._finite: torch.Tensor | None = None  # every direction finite since the last step
-        self._factored: torch.Tensor | None = None  # every deferred-check Cholesky since the last step succeeded
+        # Checked once in step(), in the host sync it makes anyway: statistics that must be finite,
+        # and the Cholesky `info` of solves whose check was deferred (0 = factored).
+        self._finite_checks: list[torch.Tensor] = []
+        self._factor_infos: list[torch.Tensor] = []
         self._bypassed_warned: set[str] = set()
         self._trust_clipped: torch.Tensor | float = 0.0  # sum over steps of the share of layers the trust region shrank
         self._trust_steps = 0
@@ -157,7 +159,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """
         super().zero_grad(set_to_none=set_to_none)
         self._discard_staged()
-        self._finite = self._factored = None
+        self._finite_checks, self._factor_infos = [], []
         for layer in self._layers:
             layer.micro_batches = 0
 
@@ -198,12 +200,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return {f"{prefix}/trust_clipped": clipped}
 
     def _note_finite(self, tensor: torch.Tensor) -> None:
-        finite = torch.isfinite(tensor).all()
-        self._finite = finite if self._finite is None else self._finite & finite
+        """``step()`` skips unless ``tensor`` is finite (checked there, with the gradients: no kernel here)."""
+        self._finite_checks.append(tensor)
 
-    def _note_factored(self, factored: torch.Tensor) -> None:
-        """Record a solve whose success is checked once in ``step()`` (no host sync in backward)."""
-        self._factored = factored if self._factored is None else self._factored & factored
+    def _note_factored(self, info: torch.Tensor) -> None:
+        """Cholesky ``info`` of a solve whose success ``step()`` checks (no host sync in backward)."""
+        self._factor_infos.append(info)
 
     def _solve_failed(self) -> None:
         """A deferred-check solve failed: the step is skipped; subclasses switch to checked solves."""
@@ -251,7 +253,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     self._adamw_group_step(group)
             self._after_step()
         self._discard_staged()
-        self._finite = self._factored = None
+        self._finite_checks, self._factor_infos = [], []
         for layer in self._layers:
             layer.micro_batches = 0
         self.global_step += 1
@@ -265,15 +267,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         every solve whose check was deferred to here succeeded.
         """
         tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        flags = [torch.stack(torch._foreach_norm(tensors)).isfinite().all()] if tensors else []
-        if self._finite is not None:
-            flags.append(self._finite)
-        if self._factored is not None:
-            flags.append(self._factored)
+        tensors += self._finite_checks
+        flags = []
+        if tensors:
+            norms = torch._foreach_norm(tensors)
+            flags.append(torch.stack([n.to(norms[0].dtype) for n in norms]).isfinite().all())
+        if self._factor_infos:
+            flags.append(torch.cat([info.reshape(-1) for info in self._factor_infos]).eq(0).all())
         if not flags:
             return True, True
         values = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # the one sync
-        if self._factored is None:
+        if not self._factor_infos:
             return all(values), True
         return all(values[:-1]), bool(values[-1])
 
@@ -315,7 +319,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             shrink = torch.clamp(ratio * layer_p / layer_d.clamp(min=1e-30), max=1.0)
             shrink = torch.where(layer_p > 0, shrink, torch.ones_like(shrink))  # a zero layer has no scale to keep
             scales = shrink[owner_index]
-            directions = torch._foreach_mul(directions, [s.to(d.dtype) for s, d in zip(scales.unbind(0), directions)])
+            factors = scales.unbind(0)
+            if any(d.dtype != scales.dtype for d in directions):
+                factors = [s.to(d.dtype) for s, d in zip(factors, directions)]
+            directions = torch._foreach_mul(directions, list(factors))
             # Kept as a tensor (no host sync); trust_region_diagnostics() reads it.
             self._trust_clipped = self._trust_clipped + (shrink < 1.0).float().mean()
             self._trust_steps += 1

@@ -65,18 +65,27 @@ class _NaturalGradientLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         layer: CapturedLayer = ctx.layer
         grad_input = None
+        # dtype checks before .to(): on GPUs a step is bound by host time, and a no-op .to() costs
+        # a dispatch per call (several per layer).
         if ctx.needs_input_grad[0]:
-            w = weight.to(grad_output.dtype)
+            w = weight if weight.dtype == grad_output.dtype else weight.to(grad_output.dtype)
             grad_input = grad_output @ (w.T if layer.transposed else w)
-            grad_input = grad_input.to(x.dtype).reshape(ctx.input_shape)
+            if grad_input.dtype != x.dtype:
+                grad_input = grad_input.to(x.dtype)
+            grad_input = grad_input.reshape(ctx.input_shape)
         batch = x.shape[0] if x.dim() > 1 else 1
         x3 = x.reshape(batch, -1, x.shape[-1])
         delta3 = grad_output.reshape(batch, -1, grad_output.shape[-1])
-        # A backward() called inside an autocast block would run the statistics in bf16/fp16.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # A backward() called inside an autocast block would run the statistics in bf16/fp16.
+            with torch.autocast(device_type=device_type, enabled=False):
+                d_weight, d_bias = ctx.natural_gradient(layer, x3, delta3)
+        else:
             d_weight, d_bias = ctx.natural_gradient(layer, x3, delta3)
-        d_weight = d_weight.to(weight.dtype)
-        if d_bias is not None:
+        if d_weight.dtype != weight.dtype:
+            d_weight = d_weight.to(weight.dtype)
+        if d_bias is not None and d_bias.dtype != layer.bias.dtype:
             d_bias = d_bias.to(layer.bias.dtype)
         return grad_input, d_weight, d_bias, None, None, None
 

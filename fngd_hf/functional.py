@@ -86,11 +86,11 @@ def gram_matrix(
         input_gram = flat_x @ flat_x.T
         if has_bias:
             input_gram += 1.0
-        token_gram = input_gram.mul_(flat_delta @ flat_delta.T)
+        # scale² rides on the delta Gram's matmul (beta=0: addmm ignores its first argument).
+        token_gram = input_gram.mul_(torch.addmm(input_gram, flat_delta, flat_delta.T, beta=0, alpha=scale * scale))
         if tokens is None:
-            gram = token_gram.view(batch, length, batch, length).sum(dim=(1, 3))
-        else:
-            gram = _sum_by_sample(token_gram, sample, batch)
+            return token_gram.view(batch, length, batch, length).sum(dim=(1, 3))
+        return _sum_by_sample(token_gram, sample, batch)
     else:
         raise ValueError(f"Unknown gram path {path!r}; expected 'auto', 'token' or 'per_sample'")
     return gram * (scale * scale)
@@ -152,7 +152,7 @@ def damping_times_batch(
         return gram.new_full(gram.shape[:-2], damping * batch)
     if mode == "relative":
         relative = damping * (torch.linalg.matrix_norm(gram) if norm is None else norm)
-        return torch.clamp(relative, min=damping_floor * batch)
+        return torch.clamp(relative, min=damping_floor * batch) if damping_floor > 0 else relative
     raise ValueError(f"Unknown damping_mode {mode!r}; expected 'relative' or 'fixed'")
 
 
@@ -199,24 +199,22 @@ def solve_coefficients(
 def solve_coefficients_deferred(
     gram: torch.Tensor, damping_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``β = (K + λB I)⁻¹ 1`` with no host sync: returns ``(β, λB used, factored)``.
+    """``β = (K + λB I)⁻¹ 1`` with no host sync and few kernels: returns ``(β, λB used, info)``.
 
-    ``factored`` is a 0-d bool tensor, true when every system was positive definite (or ``K``
-    was not finite, which the caller's finiteness check catches). When it is false ``β`` is
-    meaningless and the caller must not apply it; :func:`solve_coefficients` is the variant
-    that retries instead. A zero ``K`` with zero damping gives ``β = 0``, as there.
+    ``info`` is Cholesky's (0 = positive definite; one per system). Where it is not 0, ``β`` is
+    meaningless and the caller must not apply it (:func:`solve_coefficients` retries instead). A
+    system with ``λB = 0`` (relative damping of a ``K = 0``: a layer or unit with no gradient)
+    gets ``β = 0``, as there.
     """
-    batch = gram.shape[-1]
     ones = torch.ones(*gram.shape[:-1], 1, dtype=gram.dtype, device=gram.device)
-    eye = torch.eye(batch, dtype=gram.dtype, device=gram.device)
     damping_b = damping_b.to(gram.dtype)
-    empty = (damping_b == 0) & (gram == 0).all(dim=-1).all(dim=-1)  # no gradient, relative damping 0
-    damping_b = torch.where(empty, torch.ones_like(damping_b), damping_b)
-    factor, info = torch.linalg.cholesky_ex(gram + damping_b[..., None, None] * eye)
-    beta = torch.cholesky_solve(ones, factor).squeeze(-1)
-    beta = torch.where(empty[..., None], torch.zeros_like(beta), beta)
-    factored = ((info == 0) | ~torch.isfinite(gram).all(dim=-1).all(dim=-1)).all()
-    return beta, damping_b, factored
+    live = damping_b != 0
+    damping_b = torch.where(live, damping_b, 1.0)  # K = 0 there: solve I β = 1, then zero β
+    system = gram.clone()
+    system.diagonal(dim1=-2, dim2=-1).add_(damping_b[..., None])
+    factor, info = torch.linalg.cholesky_ex(system)
+    beta = torch.cholesky_solve(ones, factor).squeeze(-1) * live[..., None]
+    return beta, damping_b, info
 
 
 def weighted_gradient(
@@ -238,8 +236,9 @@ def weighted_gradient(
     # beta: (B,) for FNGD, (B, o) for CW-NGD (one coefficient per sample and output unit).
     beta = beta * scale
     if tokens is None:
-        weights = beta.to(delta.dtype).view(batch, 1, -1)
-        weighted_delta = (delta * weights).reshape(batch * length, -1)
+        if beta.dtype != delta.dtype:
+            beta = beta.to(delta.dtype)
+        weighted_delta = (delta * beta.view(batch, 1, -1)).reshape(batch * length, -1)
         flat_x = x.reshape(batch * length, in_features)
     else:
         flat_x, flat_delta, sample = tokens
@@ -247,7 +246,8 @@ def weighted_gradient(
         weighted_delta = flat_delta * (weights if weights.dim() == 2 else weights[:, None])
     # Under autocast x may be float32 (a LayerNorm output) while delta is bf16: use delta's dtype,
     # as autograd's own weight gradient would.
-    flat_x = flat_x.to(weighted_delta.dtype)
+    if flat_x.dtype != weighted_delta.dtype:
+        flat_x = flat_x.to(weighted_delta.dtype)
     if transposed:
         d_weight = flat_x.T @ weighted_delta
     else:

@@ -136,10 +136,11 @@ class FNGD(LayerwiseOptimizer):
         self._sample_ids: dict[int, list[int]] = {}  # micro-batch index of this step -> its sample ids
         self._sample_rows: dict[int, torch.Tensor | None] = {}  # per micro-batch: bank rows, None = unseen samples
         self._incomplete_layers: set[str] = set()  # missed a store: always fresh coefficients (share_by="sample")
-        self._host_sizes: dict[int, list[list[int]]] = {}  # host copies of coef_size, per layer
+        self._host_sizes: dict[int, dict[tuple[int, int], int]] = {}  # host copies of coef_size, per layer
         self._pending: dict[int, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}  # per layer, per micro-batch
         self._fixed_accumulation_warned = False
         self._diag = self._empty_diagnostics()
+        self._diag_staged: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (λB, ‖K‖_F, B) since the last step
 
     # ----------------------------------------------------------------------------- settings
     @property
@@ -177,18 +178,22 @@ class FNGD(LayerwiseOptimizer):
             )
         return self.global_step % self._steps_per_epoch
 
-    def _host_size_table(self, layer: CapturedLayer) -> list[list[int]]:
-        """Host copy of the layer's ``coef_size``; read from the device only after a checkpoint load."""
+    def _host_size_table(self, layer: CapturedLayer) -> dict[tuple[int, int], int]:
+        """``{(slot, micro): batch}`` of the filled bank slots: a host copy of ``coef_size``, read from
+        the device only after a checkpoint load (kept sparse: an epoch can be a million steps)."""
         sizes = self._host_sizes.get(id(layer))
         if sizes is None:
             tensor = self.state.get(layer.weight, {}).get("coef_size")
-            sizes = self._host_sizes[id(layer)] = tensor.tolist() if tensor is not None else []
+            sizes = {}
+            if tensor is not None:
+                filled = tensor.nonzero()
+                sizes = dict(zip(map(tuple, filled.tolist()), tensor[tuple(filled.T)].tolist()))
+            self._host_sizes[id(layer)] = sizes
         return sizes
 
     def _stored_size(self, layer: CapturedLayer, slot: int, micro: int) -> int:
         """Batch size of a bank slot (0 = empty), from a host copy: no device sync per layer."""
-        sizes = self._host_size_table(layer)
-        return sizes[slot][micro] if slot < len(sizes) and micro < len(sizes[slot]) else 0
+        return self._host_size_table(layer).get((slot, micro), 0)
 
     def _stored_coefficients(self, layer: CapturedLayer, slot: int, micro: int, batch: int):
         if self._stored_size(layer, slot, micro) != batch:
@@ -243,9 +248,8 @@ class FNGD(LayerwiseOptimizer):
                 self._pending.setdefault(id(layer), []).append(
                     (bank_slot, micro, beta.detach().float(), diagonal.detach().float().sum(0))
                 )
-            # Kept as tensors: no host sync here; step() and diagnostics() read them once.
-            self._diag["damping"] = self._diag["damping"] + damping_b.detach().float().mean() / batch
-            self._diag["gram_norm"] = self._diag["gram_norm"] + gram_norm.detach().float().mean()
+            # Summed once per step (not per layer: kernels cost host time on GPUs), read by diagnostics().
+            self._diag_staged.append((damping_b.detach(), gram_norm.detach(), batch))
             self._diag["fresh"] += 1
             self._note_finite(beta)  # stored coefficients were checked before they were banked
         d_weight, d_bias = F.weighted_gradient(
@@ -258,7 +262,8 @@ class FNGD(LayerwiseOptimizer):
         return d_weight, d_bias
 
     def _stats(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().to(self.stat_dtype)
+        tensor = tensor.detach()
+        return tensor if tensor.dtype == self.stat_dtype else tensor.to(self.stat_dtype)
 
     def _fresh_coefficients(
         self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float, group: dict, tokens=None
@@ -278,8 +283,8 @@ class FNGD(LayerwiseOptimizer):
             mode = "per_step" if gram.is_cuda else "per_layer"
         if mode == "per_layer" or self._solve_check_fell_back:
             return F.solve_coefficients(gram, damping_b)
-        beta, damping_b, factored = F.solve_coefficients_deferred(gram, damping_b)
-        self._note_factored(factored)
+        beta, damping_b, info = F.solve_coefficients_deferred(gram, damping_b)
+        self._note_factored(info)
         return beta, damping_b
 
     def _solve_failed(self) -> None:
@@ -345,6 +350,7 @@ class FNGD(LayerwiseOptimizer):
     _float32_state_keys = ("coef_bank", "coef_size", "coef_trace", "coef_sample", "coef_sample_diag")
 
     def _discard_staged(self) -> None:
+        self._fold_diagnostics()
         self._pending.clear()
         self._sample_ids.clear()
         self._sample_rows.clear()
@@ -373,7 +379,7 @@ class FNGD(LayerwiseOptimizer):
             state["coef_bank"] = beta.new_zeros(period, micro + 1, batch, *unit_shape)
             state["coef_size"] = torch.zeros(period, micro + 1, dtype=torch.int64, device=beta.device)
             state["coef_trace"] = beta.new_zeros(period, micro + 1, *unit_shape)
-            self._host_sizes[id(layer)] = [[0] * (micro + 1) for _ in range(period)]
+            self._host_sizes[id(layer)] = {}
         bank = state["coef_bank"]
         if micro >= bank.shape[1] or batch > bank.shape[2]:
             micro_cap, batch_cap = max(micro + 1, bank.shape[1]), max(batch, bank.shape[2])
@@ -386,12 +392,10 @@ class FNGD(LayerwiseOptimizer):
             state["coef_bank"], state["coef_size"], state["coef_trace"] = grown, sizes, traces
             bank = grown
         host = self._host_size_table(layer)  # read before the write below, so it is the old table
-        for row in host:
-            row.extend([0] * (bank.shape[1] - len(row)))
         bank[slot, micro].zero_()
         bank[slot, micro, :batch] = beta
         state["coef_size"][slot, micro] = batch
-        host[slot][micro] = batch  # the host copy follows the tensor: no device read later
+        host[slot, micro] = batch  # the host copy follows the tensor: no device read later
         state["coef_trace"][slot, micro] = trace
 
     # ------------------------------------------------------------- bank by sample (share_by)
@@ -496,12 +500,25 @@ class FNGD(LayerwiseOptimizer):
     def _empty_diagnostics() -> dict[str, float]:
         return {"damping": 0.0, "gram_norm": 0.0, "fresh": 0, "shared": 0}
 
+    def _fold_diagnostics(self) -> None:
+        """Add the staged per-layer damping and Gram norms to the running sums: a few kernels per step."""
+        by_batch: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for damping_b, norm, batch in self._diag_staged:
+            by_batch.setdefault(batch, []).append((damping_b, norm))
+        self._diag_staged = []
+        for batch, entries in by_batch.items():
+            # CW-NGD has one value per output unit: its layer's mean.
+            dampings, norms = ([t.float() if t.dim() == 0 else t.float().mean() for t in column] for column in zip(*entries))
+            self._diag["damping"] = self._diag["damping"] + torch.stack(dampings).sum() / batch
+            self._diag["gram_norm"] = self._diag["gram_norm"] + torch.stack(norms).sum()
+
     def diagnostics(self) -> dict[str, float]:
         """Means over the layer-micro-batches since the last call, then reset.
 
         ``fngd/trust_clipped`` (with a trust region): the share of (layer, step) pairs whose update
         the trust region shrank.
         """
+        self._fold_diagnostics()
         diag, self._diag = self._diag, self._empty_diagnostics()
         fresh, total = diag["fresh"], diag["fresh"] + diag["shared"]
         return {
