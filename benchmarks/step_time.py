@@ -195,6 +195,36 @@ def quantile(values, q):
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
+# Operators that only make a new view (no kernel, no memory traffic): left out of the counts.
+_VIEW_OPS = {"view", "_unsafe_view", "reshape", "detach", "alias", "select", "slice", "t", "transpose", "permute",
+             "unsqueeze", "squeeze", "expand", "as_strided", "diagonal", "unbind", "split", "lift_fresh"}
+
+
+def count_ops(model, opt, batch, device, bf16):
+    """``{"ops": aten operators that are not views, "host_reads": _local_scalar_dense calls}`` in one step.
+
+    On a GPU each operator is (at least) one kernel launch, and a step at this size is bound by
+    the host, so this counts what a step costs there beyond its arithmetic; a host read is a
+    device-to-host copy (a sync on GPUs; torch's AdamW reads its CPU step counters this way).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        ops = host_reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in _VIEW_OPS:
+                Counter.ops += 1
+            if name == "_local_scalar_dense":
+                Counter.host_reads += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        train_step(model, opt, batch, device, bf16)
+    return dict(ops_per_step=Counter.ops, host_reads_per_step=Counter.host_reads)
+
+
 def measure(methods, base_model, batches, args, device):
     runs = {}
     for method in methods:
@@ -235,6 +265,9 @@ def measure(methods, base_model, batches, args, device):
             for method in methods:
                 run = runs[method]
                 train_step(run["model"], run["opt"], batch, device, args.bf16, phases=run["phases"])
+    # Operator count of one more step each (after the timing: the counting mode slows the step down).
+    op_counts = {method: count_ops(run["model"], run["opt"], batches[rounds % len(batches)], device, args.bf16)
+                 for method, run in runs.items()}
     results = {}
     for method, run in runs.items():
         opt, times = run["opt"], run["times"]
@@ -247,6 +280,7 @@ def measure(methods, base_model, batches, args, device):
             final_loss=run["losses"][-1],
             state_mb=state_bytes(opt) / 2**20,
             skipped_steps=getattr(opt, "skipped_steps", 0),
+            **op_counts[method],
         )
         if run["peaks"]:
             res["step_peak_mb"] = max(run["peaks"]) / 2**20
@@ -269,8 +303,9 @@ def print_table(results, reference="adamw", out=sys.stdout):
         head += f"{'step peak MB':>14}{'state MB':>10}{'x mem':>7}"
     if has_phase:
         head += f"{'fwd':>7}{'bwd':>7}{'step':>7}"
-    head += f"{'fresh K':>8}{'skipped':>8}"
+    head += f"{'fresh K':>8}{'skipped':>8}{'ops':>7}{'x ops':>7}{'reads':>7}"
     print(head, file=out)
+    ref_ops = results.get(reference, {}).get("ops_per_step")
     ref_mem = None
     if has_mem and reference in results:
         ref_mem = results[reference]["step_peak_mb"] + results[reference]["state_mb"]
@@ -287,6 +322,9 @@ def print_table(results, reference="adamw", out=sys.stdout):
         fresh = r.get("fresh_fraction")
         line += f"{fresh:>8.2f}" if fresh is not None else f"{'-':>8}"
         line += f"{r['skipped_steps']:>8}"
+        if "ops_per_step" in r:
+            line += f"{r['ops_per_step']:>7}" + (f"{r['ops_per_step'] / ref_ops:>6.2f}x" if ref_ops else f"{'':>7}")
+            line += f"{r['host_reads_per_step']:>7}"
         print(line, file=out)
 
 
