@@ -31,6 +31,28 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def split_weight_decay(model: nn.Module, params: list[nn.Parameter], no_decay: Iterable[str] | None):
+    """``(decayed, exempt)``: ``params`` split by the names in ``no_decay`` (``model.named_parameters()`` names).
+
+    Names of parameters outside ``params`` (e.g. the managed layers' biases, which the natural-gradient
+    part handles with its own ``weight_decay``) are accepted and ignored; unknown names are an error.
+    """
+    if no_decay is None:
+        return list(params), []
+    if isinstance(no_decay, str):
+        raise ValueError(f"adamw_no_decay takes a list of parameter names, got the string {no_decay!r}")
+    known = dict(model.named_parameters())
+    names = list(no_decay)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(
+            f"adamw_no_decay names {len(unknown)} parameter(s) the model does not have: {unknown[:5]}; "
+            f"names look like {list(known)[:3]}"
+        )
+    exempt = {id(known[name]) for name in names}
+    return [p for p in params if id(p) not in exempt], [p for p in params if id(p) in exempt]
+
+
 class LayerwiseOptimizer(torch.optim.Optimizer):
     """Base class: hooks, AdamW groups, the step skeleton and its safeguards, extra state."""
 
@@ -51,6 +73,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         adamw_betas: tuple[float, float],
         adamw_eps: float,
         adamw_weight_decay: float,
+        adamw_no_decay: Iterable[str] | None = None,
         gradient_accumulation_steps: int,
         trust_ratio: float | None,
         clip_update_norm: float | None,
@@ -97,17 +120,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     **group_options,
                 )
             )
-        if others:
-            groups.append(
-                dict(
-                    params=others,
-                    fngd=False,
-                    lr=adamw_lr,
-                    betas=tuple(adamw_betas),
-                    eps=adamw_eps,
-                    weight_decay=adamw_weight_decay,
+        decayed, exempt = split_weight_decay(model, others, adamw_no_decay)
+        if adamw_weight_decay == 0.0 or not exempt:  # one group, in model order (checkpoint layout)
+            decayed, exempt = others, []
+        for params, decay in ((decayed, adamw_weight_decay), (exempt, 0.0)):
+            if params:
+                groups.append(
+                    dict(params=params, fngd=False, lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=decay)
                 )
-            )
         if not groups:
             raise ValueError("The model has no trainable parameters")
         super().__init__(groups, dict(lr=lr))

@@ -48,7 +48,9 @@ class FNGD(LayerwiseOptimizer):
     micro-batch's samples (``opt.set_sample_ids(ids)`` before its backward; ``FNGDTrainer``
     passes content hashes) and no epoch length.
 
-    Keyword-only extras: ``gradient_accumulation_steps`` (micro-batches per step, sets the
+    Keyword-only extras: ``adamw_no_decay`` (names, as in ``model.named_parameters()``, of
+    parameters the AdamW part does not weight-decay; ``FNGDTrainer`` passes the stock Trainer's
+    choice: biases and LayerNorm), ``gradient_accumulation_steps`` (micro-batches per step, sets the
     per-sample gradient scale), ``damping_floor`` (relative mode: ``λ >= damping_floor``),
     ``trust_ratio`` (per-layer trust region ``‖d‖ <= trust_ratio·‖[W|b]‖`` before momentum, so a
     step moves a layer by at most ``lr·trust_ratio`` of its norm; ``"auto"`` = 1.0 for relative
@@ -78,6 +80,7 @@ class FNGD(LayerwiseOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         *,
+        adamw_no_decay: Iterable[str] | None = None,
         gradient_accumulation_steps: int = 1,
         damping_floor: float = 0.0,
         trust_ratio: float | str | None = "auto",
@@ -119,6 +122,7 @@ class FNGD(LayerwiseOptimizer):
             adamw_betas=adamw_betas,
             adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay,
+            adamw_no_decay=adamw_no_decay,
             gradient_accumulation_steps=gradient_accumulation_steps,
             trust_ratio=trust_ratio,
             clip_update_norm=clip_update_norm,

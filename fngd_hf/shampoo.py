@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .layers import layer_parameters, select_modules
+from .base import split_weight_decay
 
 SHAMPOO_REQUIREMENT = "pytorch-optimizer>=4.1,<5"
 
@@ -119,13 +120,15 @@ def build_shampoo(
     preconditioning_compute_steps: int = 1,
     matrix_eps: float = 1e-6,
     weight_decouple: bool = True,
+    adamw_no_decay: Iterable[str] | None = None,
     **shampoo_kwargs,
 ) -> ShampooAdamW:
     """``pytorch_optimizer.Shampoo`` on the layers FNGD would manage, ``torch.optim.AdamW`` elsewhere.
 
     ``lr``, ``momentum``, ``weight_decay`` (decoupled unless ``weight_decouple=False``),
     ``preconditioning_compute_steps``, ``matrix_eps`` and any other keyword go to Shampoo;
-    ``adamw_*`` to AdamW (``adamw_lr`` defaults to ``lr``). Raises ``ImportError`` with the
+    ``adamw_*`` to AdamW (``adamw_lr`` defaults to ``lr``; ``adamw_no_decay``: names exempt from its
+    weight decay). Raises ``ImportError`` with the
     install command when pytorch-optimizer is missing.
     """
     shampoo_class = _shampoo_class()
@@ -150,9 +153,13 @@ def build_shampoo(
             **shampoo_kwargs,
         )
     adamw = None
+    decayed, exempt = split_weight_decay(model, others, adamw_no_decay)
+    if adamw_weight_decay == 0.0 or not exempt:  # one group, in model order
+        decayed, exempt = others, []
     if others:
         adamw = torch.optim.AdamW(
-            [{"params": others, "shampoo": False}],
+            [{"params": params, "shampoo": False, "weight_decay": decay}
+             for params, decay in ((decayed, adamw_weight_decay), (exempt, 0.0)) if params],
             lr=lr if adamw_lr is None else adamw_lr,
             betas=tuple(adamw_betas),
             eps=adamw_eps,

@@ -83,7 +83,8 @@ def unwrap_fngd(optimizer) -> LayerwiseOptimizer | None:
 class FNGDTrainingArguments(Seq2SeqTrainingArguments):
     """``Seq2SeqTrainingArguments`` plus the optimizer choice and FNGD's settings.
 
-    ``learning_rate`` is FNGD's ``lr``, ``weight_decay`` the AdamW part's decoupled weight decay,
+    ``learning_rate`` is FNGD's ``lr``, ``weight_decay`` the AdamW part's decoupled weight decay
+    (biases and LayerNorm exempt, as with the stock Trainer),
     ``adam_beta1/2`` and ``adam_epsilon`` the AdamW part's constants, ``max_grad_norm`` the
     global clip of the applied FNGD update ``lr·d`` (see :class:`FNGDTrainer`).
     """
@@ -367,6 +368,7 @@ class FNGDTrainer(Seq2SeqTrainer):
             adamw_betas=(args.adam_beta1, args.adam_beta2),
             adamw_eps=args.adam_epsilon,
             adamw_weight_decay=args.weight_decay,
+            adamw_no_decay=self._no_decay_names(model),
         )
         extra = parse_optim_args(args.optim_args)
         if name == "shampoo":
@@ -400,6 +402,7 @@ class FNGDTrainer(Seq2SeqTrainer):
             adamw_betas=(args.adam_beta1, args.adam_beta2),
             adamw_eps=args.adam_epsilon,
             adamw_weight_decay=args.weight_decay,
+            adamw_no_decay=self._no_decay_names(model),
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             damping_floor=self._arg("fngd_damping_floor"),
             trust_ratio=ratio,
@@ -408,6 +411,11 @@ class FNGDTrainer(Seq2SeqTrainer):
             clip_update_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
             stat_dtype=STAT_DTYPES[self._arg("fngd_stat_dtype")],
         )
+
+    def _no_decay_names(self, model) -> list[str]:
+        """What the stock Trainer exempts from ``weight_decay`` (biases, LayerNorm): the same for the AdamW part."""
+        decay = set(self.get_decay_parameter_names(model))
+        return [name for name, _ in model.named_parameters() if name not in decay]
 
     def _build_sgd(self, model) -> torch.optim.SGD:
         decay = set(self.get_decay_parameter_names(model))

@@ -543,3 +543,35 @@ def test_host_copy_of_bank_sizes_follows_growth_and_checkpoints():
     resumed = FNGD(make_mlp(), lr=0.01, steps_per_epoch=3)
     resumed.load_state_dict(opt.state_dict())
     assert [resumed._stored_size(layer, 2, 1) for layer in resumed._layers] == [4] * len(resumed._layers)
+
+
+def test_adamw_no_decay_exempts_named_parameters_from_weight_decay():
+    model = tiny_bart()
+    names = [n for n, _ in model.named_parameters() if n.endswith("bias") or "layernorm" in n]
+    opt = FNGD(model, lr=0.1, share_coefficients=False, adamw_weight_decay=0.5, adamw_no_decay=names)
+    exempt = {n for n, p in model.named_parameters() if any(p is q for q in opt.param_groups[2]["params"])}
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.5, 0.0]
+    assert "model.encoder.layernorm_embedding.weight" in exempt and "model.shared.weight" not in exempt
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = {"input_ids": torch.tensor([[5, 6, 2]]), "labels": torch.tensor([[7, 2]])}
+    (0.0 * model(**batch).loss).backward()  # zero gradients: AdamW only decays, FNGD moves nothing
+    opt.step()
+    managed = {f"{name}.{kind}" for name in opt.managed_modules for kind in ("weight", "bias")}
+    for name, p in model.named_parameters():
+        expected = before[name] if name in exempt or name in managed else before[name] * (1 - 0.1 * 0.5)
+        torch.testing.assert_close(p, expected, rtol=0, atol=1e-7, msg=name)
+
+
+def test_adamw_no_decay_keeps_one_group_in_model_order_without_decay():
+    model = tiny_bart()
+    names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    plain, exempted = FNGD(model), FNGD(tiny_bart(), adamw_no_decay=names)
+    assert len(exempted.param_groups) == 2  # nothing to exempt from: checkpoints keep their layout
+    assert [p.shape for p in exempted.param_groups[1]["params"]] == [p.shape for p in plain.param_groups[1]["params"]]
+
+
+def test_adamw_no_decay_rejects_unknown_names_and_strings():
+    with pytest.raises(ValueError, match="does not have"):
+        FNGD(tiny_bart(), adamw_weight_decay=0.1, adamw_no_decay=["model.no_such.weight"])
+    with pytest.raises(ValueError, match="list of parameter names"):
+        FNGD(tiny_bart(), adamw_weight_decay=0.1, adamw_no_decay="bias")

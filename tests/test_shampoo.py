@@ -132,3 +132,16 @@ def test_state_dict_roundtrip_resume_equals_uninterrupted():
     # The scheduler still reaches the inner optimizers after a load.
     resumed_opt.param_groups[0]["lr"] = 0.0
     assert resumed_opt.shampoo.param_groups[0]["lr"] == 0.0
+
+
+@requires_library
+def test_adamw_part_exempts_named_parameters_from_weight_decay():
+    model = tiny_bart()
+    names = [n for n, _ in model.named_parameters() if n.endswith("bias") or "layernorm" in n]
+    opt = build_shampoo(model, adamw_weight_decay=0.1, adamw_no_decay=names)
+    decayed, exempt = opt.adamw.param_groups
+    assert (decayed["weight_decay"], exempt["weight_decay"]) == (0.1, 0.0)
+    exempt_ids = {id(p) for p in exempt["params"]}
+    assert {n for n, p in model.named_parameters() if id(p) in exempt_ids} == {
+        n for n in names if n not in {f"{m}.bias" for m in opt.managed_modules}
+    }

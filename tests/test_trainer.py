@@ -160,7 +160,13 @@ def test_fngd_built_from_arguments(tmp_path):
     trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32))
     opt = trainer.create_optimizer()
     assert isinstance(opt, FNGD) and trainer.fngd_optimizer is opt
-    fngd_group, adamw_group = opt.param_groups
+    fngd_group, adamw_group, exempt_group = opt.param_groups
+    # As the stock Trainer: no weight decay on biases and LayerNorm (here: in the AdamW part).
+    exempt = {id(p) for p in exempt_group["params"]}
+    names = {n for n, p in trainer.model.named_parameters() if id(p) in exempt}
+    assert names and all(n.endswith("bias") or "layernorm" in n or "layer_norm" in n for n in names)
+    assert "model.encoder.layernorm_embedding.weight" in names and "model.shared.weight" not in names
+    assert exempt_group["weight_decay"] == 0.0 and not exempt_group["fngd"] and exempt_group["lr"] == 1e-3
     assert fngd_group["fngd"] and fngd_group["lr"] == 3e-3 and fngd_group["damping"] == 0.5
     assert fngd_group["damping_mode"] == "fixed" and fngd_group["momentum"] == 0.5
     assert fngd_group["trust_ratio"] == 0.02 and fngd_group["weight_decay"] == 0.0
