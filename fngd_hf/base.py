@@ -31,26 +31,34 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def split_weight_decay(model: nn.Module, params: list[nn.Parameter], no_decay: Iterable[str] | None):
-    """``(decayed, exempt)``: ``params`` split by the names in ``no_decay`` (``model.named_parameters()`` names).
+def weight_decay_groups(
+    model: nn.Module, params: list[nn.Parameter], weight_decay: float, no_decay: Iterable[str] | None
+) -> list[tuple[list[nn.Parameter], float]]:
+    """``[(params, weight_decay), (exempt params, 0.0)]``, or one pair (in model order, the checkpoint
+    layout) when nothing is exempt or the decay is 0; empty lists are left out.
 
-    Names of parameters outside ``params`` (e.g. the managed layers' biases, which the natural-gradient
-    part handles with its own ``weight_decay``) are accepted and ignored; unknown names are an error.
+    ``no_decay`` holds names from ``model.named_parameters()``. Names of parameters outside ``params``
+    (e.g. the managed layers' biases, which the natural-gradient part handles with its own
+    ``weight_decay``) are accepted and ignored; unknown names are an error.
     """
-    if no_decay is None:
-        return list(params), []
-    if isinstance(no_decay, str):
-        raise ValueError(f"adamw_no_decay takes a list of parameter names, got the string {no_decay!r}")
-    known = dict(model.named_parameters())
-    names = list(no_decay)
-    unknown = sorted(set(names) - set(known))
-    if unknown:
-        raise ValueError(
-            f"adamw_no_decay names {len(unknown)} parameter(s) the model does not have: {unknown[:5]}; "
-            f"names look like {list(known)[:3]}"
-        )
-    exempt = {id(known[name]) for name in names}
-    return [p for p in params if id(p) not in exempt], [p for p in params if id(p) in exempt]
+    exempt_ids: set[int] = set()
+    if no_decay is not None:
+        if isinstance(no_decay, str):
+            raise ValueError(f"adamw_no_decay takes a list of parameter names, got the string {no_decay!r}")
+        known = dict(model.named_parameters())
+        names = list(no_decay)
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ValueError(
+                f"adamw_no_decay names {len(unknown)} parameter(s) the model does not have: {unknown[:5]}; "
+                f"names look like {list(known)[:3]}"
+            )
+        exempt_ids = {id(known[name]) for name in names}
+    exempt = [p for p in params if id(p) in exempt_ids]
+    if weight_decay == 0.0 or not exempt:
+        return [(list(params), weight_decay)] if params else []
+    decayed = [p for p in params if id(p) not in exempt_ids]
+    return [(group, decay) for group, decay in ((decayed, weight_decay), (exempt, 0.0)) if group]
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -120,14 +128,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     **group_options,
                 )
             )
-        decayed, exempt = split_weight_decay(model, others, adamw_no_decay)
-        if adamw_weight_decay == 0.0 or not exempt:  # one group, in model order (checkpoint layout)
-            decayed, exempt = others, []
-        for params, decay in ((decayed, adamw_weight_decay), (exempt, 0.0)):
-            if params:
-                groups.append(
-                    dict(params=params, fngd=False, lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=decay)
-                )
+        for params, decay in weight_decay_groups(model, others, adamw_weight_decay, adamw_no_decay):
+            groups.append(
+                dict(params=params, fngd=False, lr=adamw_lr, betas=tuple(adamw_betas), eps=adamw_eps, weight_decay=decay)
+            )
         if not groups:
             raise ValueError("The model has no trainable parameters")
         super().__init__(groups, dict(lr=lr))

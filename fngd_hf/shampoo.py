@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .layers import layer_parameters, select_modules
-from .base import split_weight_decay
+from .base import weight_decay_groups
 
 SHAMPOO_REQUIREMENT = "pytorch-optimizer>=4.1,<5"
 
@@ -153,13 +153,10 @@ def build_shampoo(
             **shampoo_kwargs,
         )
     adamw = None
-    decayed, exempt = split_weight_decay(model, others, adamw_no_decay)
-    if adamw_weight_decay == 0.0 or not exempt:  # one group, in model order
-        decayed, exempt = others, []
     if others:
         adamw = torch.optim.AdamW(
             [{"params": params, "shampoo": False, "weight_decay": decay}
-             for params, decay in ((decayed, adamw_weight_decay), (exempt, 0.0)) if params],
+             for params, decay in weight_decay_groups(model, others, adamw_weight_decay, adamw_no_decay)],
             lr=lr if adamw_lr is None else adamw_lr,
             betas=tuple(adamw_betas),
             eps=adamw_eps,
