@@ -359,7 +359,7 @@ def profile_fngd(base_model, batches, args, device, methods):
     fngd_methods = {
         "_layer_gradient (whole hook)": FNGD._layer_gradient,
         "_stored_coefficients": FNGD._stored_coefficients,
-        "_store (bank write)": FNGD._store,
+        "_after_step (bank writes)": FNGD._after_step,
         "_step_checks (step sync)": FNGD._step_checks,
         "_managed_group_step": FNGD._managed_group_step,
         "_adamw_group_step": FNGD._adamw_group_step,
@@ -367,7 +367,7 @@ def profile_fngd(base_model, batches, args, device, methods):
     attr_names = {
         "_layer_gradient (whole hook)": "_layer_gradient",
         "_stored_coefficients": "_stored_coefficients",
-        "_store (bank write)": "_store",
+        "_after_step (bank writes)": "_after_step",
         "_step_checks (step sync)": "_step_checks",
         "_managed_group_step": "_managed_group_step",
         "_adamw_group_step": "_adamw_group_step",
