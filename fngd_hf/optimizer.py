@@ -203,7 +203,9 @@ class FNGD(LayerwiseOptimizer):
         if self._stored_size(layer, slot, micro) != batch:
             return None  # never truncate or pad: a different batch size gets fresh coefficients
         state = self.state[layer.weight]
-        return state["coef_bank"][slot, micro, :batch], state["coef_trace"][slot, micro]
+        # The stored trace only serves scale_mode="refreshed" (views cost host time on GPUs).
+        trace = state["coef_trace"][slot, micro] if self.scale_mode == "refreshed" else None
+        return state["coef_bank"][slot, micro, :batch], trace
 
     def _slot_filled(self, layer: CapturedLayer, slot: int, micro: int) -> bool:
         return self._stored_size(layer, slot, micro) > 0
