@@ -72,7 +72,7 @@ from fngd_hf.models import build_config, resolve_shape  # noqa: E402
 PAD, EOS = 0, 1
 MULTI30K_STEPS_PER_EPOCH = 29000 // 64 + 1  # 454: the bank size a real first epoch would have
 DEFAULT_METHODS = "adamw,sgd,fngd_first,fngd_shared,ngd"
-VARIANTS = ("fngd_first_token", "fngd_first_ps", "cwngd_first", "cwngd_shared", "kfac", "sngd", "shampoo")
+VARIANTS = ("fngd_first_token", "fngd_first_ps", "fngd_first_checked", "cwngd_first", "cwngd_shared", "kfac", "sngd", "shampoo")
 
 
 # ---------------------------------------------------------------------------------------- data
