@@ -575,3 +575,25 @@ def test_adamw_no_decay_rejects_unknown_names_and_strings():
         FNGD(tiny_bart(), adamw_weight_decay=0.1, adamw_no_decay=["model.no_such.weight"])
     with pytest.raises(ValueError, match="list of parameter names"):
         FNGD(tiny_bart(), adamw_weight_decay=0.1, adamw_no_decay="bias")
+
+
+def test_torch_compile_gives_the_same_steps():
+    """``torch.compile(model)`` (as with the Trainer's ``torch_compile=True``): the hooks still capture,
+    in the first epoch and the shared phase, and the steps equal the eager ones."""
+    eager, compiled = make_mlp(), make_mlp()
+    eager_opt, compiled_opt = FNGD(eager, lr=0.01, steps_per_epoch=2), FNGD(compiled, lr=0.01, steps_per_epoch=2)
+    forward = torch.compile(compiled, backend="aot_eager")
+    try:
+        for seed in range(4):
+            x, y = mlp_batch(seed)
+            for net, opt in ((eager, eager_opt), (forward, compiled_opt)):
+                nn.functional.cross_entropy(net(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+    finally:
+        torch._dynamo.reset()
+    assert compiled_opt.diagnostics()["fngd/fresh_fraction"] == 0.5  # 2 of 4 steps formed K
+    assert compiled_opt.skipped_steps == 0
+    for p, q, p0 in zip(compiled.parameters(), eager.parameters(), make_mlp().parameters()):
+        torch.testing.assert_close(p, q)
+        assert not torch.equal(p, p0)
