@@ -77,7 +77,8 @@ def gram_matrix(
         if has_bias:
             bias_grad = delta.sum(dim=1)
             gram = gram + bias_grad @ bias_grad.T
-    elif path == "token":
+        return gram * (scale * scale)
+    if path == "token":
         if tokens is None:
             flat_x = x.reshape(batch * length, in_features)
             flat_delta = delta.reshape(batch * length, out_features)
@@ -91,9 +92,7 @@ def gram_matrix(
         if tokens is None:
             return token_gram.view(batch, length, batch, length).sum(dim=(1, 3))
         return _sum_by_sample(token_gram, sample, batch)
-    else:
-        raise ValueError(f"Unknown gram path {path!r}; expected 'auto', 'token' or 'per_sample'")
-    return gram * (scale * scale)
+    raise ValueError(f"Unknown gram path {path!r}; expected 'auto', 'token' or 'per_sample'")
 
 
 def gram_trace(x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: float) -> torch.Tensor:
