@@ -9,13 +9,14 @@ set -uo pipefail
 out="${OUT:-docs/step_time/gpu}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
+"$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 status=0
-timeout 240 python -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$out/test_cuda.log" || status=1
+timeout 240 "$py" -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$out/test_cuda.log" || status=1
 methods=adamw,fngd_first,fngd_first_checked,fngd_shared,ngd
 for dtype in float32 bf16; do
-    timeout 300 python benchmarks/step_time.py --preset paper --device cuda --dtype "$dtype" --steps 25 --warmup 5 \
+    timeout 300 "$py" benchmarks/step_time.py --preset paper --device cuda --dtype "$dtype" --steps 25 --warmup 5 \
         --methods "$methods" --out "$out/step_time_gpu_$dtype.json" 2>&1 | tee "$out/step_time_$dtype.log" || status=1
 done
 exit $status
