@@ -148,7 +148,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._bypassed_warned: set[str] = set()
         self._trust_clipped: torch.Tensor | float = 0.0  # sum over steps of the share of layers the trust region shrank
         self._trust_steps = 0
-        self._owner_index_cache: tuple | None = None  # ((owner list, device), its device tensor)
+        self._owner_index_cache: tuple | None = None  # (key, (owner index, elements per layer)) on the device
         self._layers: list[CapturedLayer] = [
             attach(name, module, self._layer_gradient, lambda: self._capture_enabled)
             for name, module in modules.items()
@@ -335,13 +335,18 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             # Trust region: ‖d‖ <= ratio·‖[W|b]‖ per layer (weight and bias together), so a step moves a
             # layer by at most lr·ratio of its norm before momentum; lr and its schedule still apply.
             direction_norms = torch.stack(torch._foreach_norm(directions)).float()
-            owner_index = self._owner_index(owner, direction_norms.device)
+            owner_index, layer_size = self._owner_index(owner, [p.numel() for p in params], direction_norms.device)
             param_norms = torch.stack(torch._foreach_norm(params)).float()
             layers = len(self._layers)
             layer_d = direction_norms.new_zeros(layers).index_add_(0, owner_index, direction_norms.square()).sqrt_()
             layer_p = direction_norms.new_zeros(layers).index_add_(0, owner_index, param_norms.square()).sqrt_()
-            shrink = torch.clamp(ratio * layer_p / layer_d.clamp(min=1e-30), max=1.0)
-            shrink = torch.where(layer_p > 0, shrink, torch.ones_like(shrink))  # a zero layer has no scale to keep
+            # A layer whose weights are all zero (zero-initialised) has no norm to keep: it borrows the
+            # RMS weight of the other layers, times the square root of its own size.
+            live = layer_p > 0
+            rms = (layer_p.square().sum() / (layer_size * live).sum().clamp(min=1.0)).sqrt()
+            reference = torch.where(live, layer_p, rms * layer_size.sqrt())
+            shrink = torch.clamp(ratio * reference / layer_d.clamp(min=1e-30), max=1.0)
+            shrink = torch.where(reference > 0, shrink, torch.ones_like(shrink))  # every layer zero: no scale
             scales = shrink[owner_index]
             factors = scales.unbind(0)
             if any(d.dtype != scales.dtype for d in directions):
@@ -373,12 +378,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             directions = torch._foreach_mul(directions, factor.to(directions[0].dtype))
         torch._foreach_add_(params, directions, alpha=-lr)
 
-    def _owner_index(self, owner: list[int], device: torch.device) -> torch.Tensor:
-        """``owner`` as a device tensor, copied to the device once, not at every step."""
-        key = (tuple(owner), device)
+    def _owner_index(self, owner: list[int], sizes: list[int], device: torch.device):
+        """``(owner as a device tensor, elements per layer)``, copied to the device once, not at every step."""
+        key = (tuple(owner), tuple(sizes), device)
         cached = self._owner_index_cache
         if cached is None or cached[0] != key:
-            self._owner_index_cache = cached = (key, torch.tensor(owner, device=device))
+            index = torch.tensor(owner, device=device)
+            per_layer = torch.zeros(len(self._layers), device=device).index_add_(
+                0, index, torch.tensor(sizes, dtype=torch.float32, device=device)
+            )
+            self._owner_index_cache = cached = (key, (index, per_layer))
         return cached[1]
 
     def _check_backward_counts(self) -> None:

@@ -597,3 +597,23 @@ def test_torch_compile_gives_the_same_steps():
     for p, q, p0 in zip(compiled.parameters(), eager.parameters(), make_mlp().parameters()):
         torch.testing.assert_close(p, q)
         assert not torch.equal(p, p0)
+
+
+def test_trust_region_bounds_a_zero_initialised_layer_by_the_others_rms_weight():
+    """An all-zero layer has no norm of its own: ‖d‖ <= ratio · RMS(other layers' weights) · √(its size)."""
+    model = make_mlp()
+    nn.init.zeros_(model[3].weight)
+    nn.init.zeros_(model[3].bias)
+    first = torch.cat([model[0].weight.detach().flatten(), model[0].bias.detach()])
+    rms = float(first.norm()) / first.numel() ** 0.5
+    ratio, lr = 0.05, 0.1
+    opt = FNGD(model, lr=lr, momentum=0.0, share_coefficients=False, trust_ratio=ratio)
+    x, y = mlp_batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    unclipped = float(torch.cat([model[3].weight.grad.flatten(), model[3].bias.grad]).norm())
+    bound = ratio * rms * (model[3].weight.numel() + model[3].bias.numel()) ** 0.5
+    assert unclipped > 5 * bound  # the bound really acts
+    opt.step()
+    moved = float(torch.cat([model[3].weight.detach().flatten(), model[3].bias.detach()]).norm())
+    assert moved == pytest.approx(lr * bound, rel=1e-5)
+    assert opt.diagnostics()["fngd/trust_clipped"] == 0.5  # the zero layer, not layer 0 (its d is 0)
