@@ -21,6 +21,7 @@ refreshed every ``preconditioning_compute_steps`` steps by an SVD.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from typing import Iterable
 
@@ -42,6 +43,29 @@ def _shampoo_class():
             f"pip install fngd-hf[shampoo]   (or: pip install '{SHAMPOO_REQUIREMENT}')"
         ) from error
     return Shampoo
+
+
+@contextlib.contextmanager
+def _float64_retry_of_failed_inverse_roots():
+    """pytorch-optimizer's Shampoo takes inverse roots by a float32 SVD, which can fail to converge on
+    an ill-conditioned statistic (seen in the Multi30K benchmark at lr 1e-2) and would end the run
+    half-way through a step. While Shampoo steps, a failed root is retried in float64 (the same
+    root, more robust); roots that succeed are untouched."""
+    import pytorch_optimizer.optimizer.shampoo as module
+
+    original = module.compute_power_svd
+
+    def inverse_root(matrix: torch.Tensor, power: float) -> torch.Tensor:
+        try:
+            return original(matrix, power)
+        except torch.linalg.LinAlgError:
+            return original(matrix.double(), power).to(matrix.dtype)
+
+    module.compute_power_svd = inverse_root
+    try:
+        yield
+    finally:
+        module.compute_power_svd = original
 
 
 class ShampooAdamW(torch.optim.Optimizer):
@@ -85,7 +109,11 @@ class ShampooAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for optimizer in self.optimizers:
-            optimizer.step()
+            if optimizer is self.shampoo:
+                with _float64_retry_of_failed_inverse_roots():
+                    optimizer.step()
+            else:
+                optimizer.step()
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

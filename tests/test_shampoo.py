@@ -145,3 +145,30 @@ def test_adamw_part_exempts_named_parameters_from_weight_decay():
     assert {n for n, p in model.named_parameters() if id(p) in exempt_ids} == {
         n for n in names if n not in {f"{m}.bias" for m in opt.managed_modules}
     }
+
+
+@requires_library
+def test_a_failed_float32_inverse_root_is_retried_in_float64(monkeypatch):
+    """A float32 SVD that does not converge (ill-conditioned statistics) must not end the run."""
+    import pytorch_optimizer.optimizer.shampoo as shampoo_module
+
+    original_function = shampoo_module.compute_power_svd
+    reference_model, model = make_mlp(), make_mlp()
+    reference = build_shampoo(reference_model, lr=1e-2)
+    train_steps(reference_model, reference, seeds=[0, 1])
+    svd = torch.linalg.svd
+    calls = {"float32": 0, "float64": 0}
+
+    def failing_svd(matrix, *args, **kwargs):
+        calls[str(matrix.dtype).split(".")[1]] += 1
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    opt = build_shampoo(model, lr=1e-2)
+    train_steps(model, opt, seeds=[0, 1])
+    assert calls["float32"] > 0 and calls["float64"] == calls["float32"]
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    assert shampoo_module.compute_power_svd is original_function  # patched only while Shampoo steps
