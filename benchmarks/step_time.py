@@ -37,7 +37,10 @@ all of them alike. Reported: median (and p10/p90) step time, ratio of medians to
 same run, and on GPU the peak memory of the step above what was resident before it
 (``max_memory_allocated - memory_allocated``: activations, gradients, temporaries) plus the
 resident optimizer state. On CPU memory is not reported (RSS of a shared process says nothing
-per method).
+per method). Then one more step per method counts its aten operators (views left out; on a GPU
+each is at least one kernel launch) and host reads (``_local_scalar_dense``); with
+``--gpu-code-path`` FNGD takes its GPU path on the CPU, so a machine without a GPU can count what
+a GPU step would launch.
 
 ``--profile`` then times FNGD's pieces (``fngd_hf.functional`` functions and the optimizer's
 hooks, each bracketed by synchronisations, so they add up to device time, not to the overlapped
