@@ -3,8 +3,6 @@
 Run on a GPU machine with ``python -m pytest tests/test_cuda.py -q``.
 """
 
-import warnings
-
 import pytest
 import torch
 
@@ -18,17 +16,20 @@ def to_device(batch, device):
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def count_host_syncs(fn) -> int:
-    """CUDA operations inside ``fn`` that wait for the GPU (torch's sync debug mode, as warnings)."""
+def raises_on_host_sync(fn) -> bool:
+    """Whether ``fn`` waits for the GPU: torch's sync debug mode in "error" (an error raised in the
+    autograd engine's device threads reaches the caller, which a warning might not)."""
     previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("warn")
+    torch.cuda.set_sync_debug_mode("error")
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
+        fn()
+    except RuntimeError as error:
+        if "synchroniz" not in str(error):
+            raise
+        return True
     finally:
         torch.cuda.set_sync_debug_mode(previous)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return False
 
 
 def run_steps(device, optimizer_class, steps, **kwargs):
@@ -54,20 +55,22 @@ def test_gpu_steps_match_cpu_steps(optimizer_class):
 @pytest.mark.parametrize("optimizer_class", [FNGD, CWNGD])
 def test_backward_adds_no_host_sync_on_gpu(optimizer_class):
     """Capture, Gram, damping, solve, weighted gradient: nothing the optimizer adds to backward waits
-    for the GPU. Compared with the same backward with capture off (the model's own ops may sync)."""
+    for the GPU, in the first epoch or the shared phase."""
     model = ref.tiny_seq2seq("marian", seed=0).to("cuda")
     opt = optimizer_class(model, lr=1e-2, damping=0.1, steps_per_epoch=2)
     for step in range(5):  # steps 0-1 compute coefficients, 2-4 reuse them
         batch = to_device(ref.seq2seq_batch(4, step), "cuda")
-        if step > 0:  # step 0: lazy initialisation
+        if step == 0:  # lazy initialisation may sync
+            ref.seq2seq_loss(model, batch).backward()
+        else:
             opt.eval()
-            plain = count_host_syncs(lambda: ref.seq2seq_loss(model, batch).backward())
+            plain_syncs = raises_on_host_sync(lambda: ref.seq2seq_loss(model, batch).backward())
             opt.zero_grad()
             opt.train()
-        loss = ref.seq2seq_loss(model, batch)
-        syncs = count_host_syncs(loss.backward)
-        if step > 0:
-            assert syncs <= plain, (step, syncs, plain)
+            if plain_syncs:
+                pytest.skip("the model's own backward syncs on this torch build: nothing to compare")
+            loss = ref.seq2seq_loss(model, batch)
+            assert not raises_on_host_sync(loss.backward), f"a host sync in the optimizer's backward (step {step})"
         opt.step()  # its one host sync: the finiteness and factorisation check
         opt.zero_grad()
     assert opt.skipped_steps == 0 and opt.global_step == 5
