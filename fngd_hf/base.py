@@ -153,6 +153,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             attach(name, module, self._layer_gradient, lambda: self._capture_enabled)
             for name, module in modules.items()
         ]
+        for index, layer in enumerate(self._layers):
+            layer.index = index
 
     # ----------------------------------------------------------------------------- settings
     @property

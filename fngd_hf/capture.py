@@ -1,15 +1,19 @@
 """Capture of layer inputs and output gradients during the normal backward.
 
-A forward hook hands the layer's output to :class:`_NaturalGradientLinear`, an autograd
-function whose backward computes the input gradient exactly as ``nn.Linear`` would, and
-writes the natural gradient ``d = Jβ`` (instead of the plain gradient) to the weight and
-bias. So the plain weight-gradient matmul is *replaced*, never done twice: no second
-backward, no ``vmap`` over the model, and in the shared phase a step costs what a plain
-backward costs.
+Each managed layer's class is swapped for a subclass (as ``torch.nn.utils.parametrize`` does) whose
+``forward`` routes the layer through :class:`_NaturalGradientLinear`: an autograd function that
+computes the output with the layer's own ``forward`` and, in backward, the input gradient exactly as
+``nn.Linear`` would, while the weight and bias receive the natural gradient ``d = Jβ`` instead of
+the plain gradient. So the plain weight-gradient matmul is *replaced*, never done twice: no second
+backward, no ``vmap`` over the model, and in the shared phase a step costs what a plain backward
+costs. A subclass rather than a forward hook: a hook would build the layer's own graph node only to
+drop it, and puts every call through ``nn.Module``'s slow path (host time, which bounds a GPU step).
+The returned handle's ``remove()`` restores the original class.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,8 +34,13 @@ class CapturedLayer:
     module: nn.Module
     has_bias: bool
     transposed: bool
+    natural_gradient: NaturalGradientFn = field(repr=False)
+    is_enabled: Callable[[], bool] = field(repr=False)
+    original_class: type = field(repr=False)
+    original_forward: Callable = field(repr=False)
+    index: int = 0  # position among the optimizer's managed layers
     micro_batches: int = 0  # backward passes through this layer since the last step()
-    handle: torch.utils.hooks.RemovableHandle | None = field(default=None, repr=False)
+    handle: "CaptureHandle | None" = field(default=None, repr=False)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -42,23 +51,14 @@ class CapturedLayer:
         return self.module.bias if self.has_bias else None
 
 
-class _Holder:
-    """Passes the already-computed layer output through ``Function.apply`` without making it an input."""
-
-    __slots__ = ("output",)
-
-    def __init__(self, output: torch.Tensor):
-        self.output = output
-
-
 class _NaturalGradientLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, holder, layer, natural_gradient):
+    def forward(ctx, x, weight, bias, layer):
+        # Autograd functions run forward without grad: the layer's own forward builds no graph here.
         ctx.save_for_backward(x, weight)
         ctx.layer = layer
-        ctx.natural_gradient = natural_gradient
-        ctx.input_shape = x.shape
-        return holder.output
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return layer.original_forward(layer.module, x)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -69,25 +69,79 @@ class _NaturalGradientLinear(torch.autograd.Function):
         # a dispatch per call (several per layer).
         if ctx.needs_input_grad[0]:
             w = weight if weight.dtype == grad_output.dtype else weight.to(grad_output.dtype)
-            grad_input = grad_output @ (w.T if layer.transposed else w)
+            grad_input = grad_output @ (w.T if layer.transposed else w)  # already x's shape
             if grad_input.dtype != x.dtype:
                 grad_input = grad_input.to(x.dtype)
-            grad_input = grad_input.reshape(ctx.input_shape)
-        batch = x.shape[0] if x.dim() > 1 else 1
-        x3 = x.reshape(batch, -1, x.shape[-1])
-        delta3 = grad_output.reshape(batch, -1, grad_output.shape[-1])
+        if x.dim() == 3:  # (B, T, i) already: no reshape (a dispatch each on the host)
+            x3, delta3 = x, grad_output
+        else:
+            batch = x.shape[0] if x.dim() > 1 else 1
+            x3 = x.reshape(batch, -1, x.shape[-1])
+            delta3 = grad_output.reshape(batch, -1, grad_output.shape[-1])
+        if torch.is_grad_enabled():  # backward(create_graph=True): the statistics stay out of the graph
+            x3, delta3 = x3.detach(), delta3.detach()
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             # A backward() called inside an autocast block would run the statistics in bf16/fp16.
             with torch.autocast(device_type=device_type, enabled=False):
-                d_weight, d_bias = ctx.natural_gradient(layer, x3, delta3)
+                d_weight, d_bias = layer.natural_gradient(layer, x3, delta3)
         else:
-            d_weight, d_bias = ctx.natural_gradient(layer, x3, delta3)
+            d_weight, d_bias = layer.natural_gradient(layer, x3, delta3)
         if d_weight.dtype != weight.dtype:
             d_weight = d_weight.to(weight.dtype)
-        if d_bias is not None and d_bias.dtype != layer.bias.dtype:
-            d_bias = d_bias.to(layer.bias.dtype)
-        return grad_input, d_weight, d_bias, None, None, None
+        if d_bias is not None and d_bias.dtype != ctx.bias_dtype:
+            d_bias = d_bias.to(ctx.bias_dtype)
+        return grad_input, d_weight, d_bias, None
+
+
+def _capturing_forward(self, input, *args, **kwargs):
+    layer: CapturedLayer = self.__dict__["_fngd_capture"]
+    # Zero overhead in evaluation and generation: nothing is captured or replaced.
+    if args or kwargs or not (self.training and torch.is_grad_enabled() and layer.is_enabled()):
+        return layer.original_forward(self, input, *args, **kwargs)
+    weight = self.weight
+    if not weight.requires_grad:
+        return layer.original_forward(self, input)
+    return _NaturalGradientLinear.apply(input, weight, self.bias if layer.has_bias else None, layer)
+
+
+def _reduce_as_original(self, protocol):
+    # Pickled or deep-copied, a captured layer is its original class, uncaptured: the capture
+    # belongs to the optimizer, not to the model (a copy must not feed this optimizer).
+    layer: CapturedLayer = self.__dict__["_fngd_capture"]
+    reconstruct, args, state, *rest = object.__reduce_ex__(self, protocol)
+    state = {key: value for key, value in state.items() if key != "_fngd_capture"}
+    return (reconstruct, (layer.original_class,) + tuple(args[1:]), state, *rest)
+
+
+_CAPTURING_CLASSES: dict[type, type] = {}
+
+
+def _capturing_class(cls: type) -> type:
+    """``cls`` with the capturing forward, made once per layer class; same name, so ``repr`` is unchanged."""
+    captured = _CAPTURING_CLASSES.get(cls)
+    if captured is None:
+        captured = type(cls.__name__, (cls,), {
+            "forward": _capturing_forward,
+            "__reduce_ex__": _reduce_as_original,
+            "__qualname__": cls.__qualname__,
+            "__module__": cls.__module__,
+        })
+        _CAPTURING_CLASSES[cls] = captured
+    return captured
+
+
+class CaptureHandle:
+    """``remove()`` gives the layer back its original class (a no-op if another optimizer took it over)."""
+
+    def __init__(self, layer: CapturedLayer):
+        self.layer = layer
+
+    def remove(self) -> None:
+        module = self.layer.module
+        if module.__dict__.get("_fngd_capture") is self.layer:
+            del module.__dict__["_fngd_capture"]
+            module.__class__ = self.layer.original_class
 
 
 def attach(
@@ -96,22 +150,33 @@ def attach(
     natural_gradient: NaturalGradientFn,
     is_enabled: Callable[[], bool],
 ) -> CapturedLayer:
-    """Register the capture hook on ``module``; the returned layer keeps the removable handle."""
-    has_bias = module.bias is not None and module.bias.requires_grad
-    layer = CapturedLayer(name=name, module=module, has_bias=has_bias, transposed=is_transposed(module))
+    """Route ``module`` through the capture; the returned layer keeps the handle that undoes it.
 
-    def hook(mod: nn.Module, args: tuple, output: torch.Tensor):
-        # Zero overhead in evaluation and generation: nothing is captured or replaced.
-        if not (mod.training and torch.is_grad_enabled() and is_enabled() and mod.weight.requires_grad):
-            return None
-        if not args or not isinstance(output, torch.Tensor):
-            return None
-        x = args[0]
-        bias = mod.bias if has_bias else None
-        # The layer's own graph node is dropped: our function computes both gradients.
-        return _NaturalGradientLinear.apply(
-            x, mod.weight, bias, _Holder(output.detach()), layer, natural_gradient
+    A layer already captured by another optimizer (e.g. an optimizer made again for the same model)
+    is taken over, with a warning: from then on only the new optimizer gets its natural gradient.
+    """
+    previous = module.__dict__.get("_fngd_capture")
+    if previous is not None:
+        warnings.warn(
+            f"{name} was managed by another optimizer; this one takes it over (the other no longer "
+            f"gets a natural gradient for it)",
+            RuntimeWarning,
+            stacklevel=4,
         )
-
-    layer.handle = module.register_forward_hook(hook)
+        previous.handle = None
+    original_class = type(module) if previous is None else previous.original_class
+    has_bias = module.bias is not None and module.bias.requires_grad
+    layer = CapturedLayer(
+        name=name,
+        module=module,
+        has_bias=has_bias,
+        transposed=is_transposed(module),
+        natural_gradient=natural_gradient,
+        is_enabled=is_enabled,
+        original_class=original_class,
+        original_forward=original_class.forward,
+    )
+    module.__dict__["_fngd_capture"] = layer
+    module.__class__ = _capturing_class(original_class)
+    layer.handle = CaptureHandle(layer)
     return layer

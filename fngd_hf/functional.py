@@ -231,18 +231,36 @@ def weighted_gradient(
     (transformers' ``Conv1D`` stores its weight that way). ``tokens`` (from :func:`kept_tokens`)
     makes the matmul skip the tokens with zero output gradient.
     """
-    batch, length, in_features = x.shape
-    # beta: (B,) for FNGD, (B, o) for CW-NGD (one coefficient per sample and output unit).
-    beta = beta * scale
     if tokens is None:
-        if beta.dtype != delta.dtype:
-            beta = beta.to(delta.dtype)
-        weighted_delta = (delta * beta.view(batch, 1, -1)).reshape(batch * length, -1)
-        flat_x = x.reshape(batch * length, in_features)
-    else:
-        flat_x, flat_delta, sample = tokens
-        weights = beta.to(flat_delta.dtype).index_select(0, sample)
-        weighted_delta = flat_delta * (weights if weights.dim() == 2 else weights[:, None])
+        return apply_sample_weights(x, delta, sample_weights(beta, scale, delta.dtype), has_bias, transposed)
+    flat_x, flat_delta, sample = tokens
+    # beta: (B,) for FNGD, (B, o) for CW-NGD (one coefficient per sample and output unit).
+    weights = (beta * scale).to(flat_delta.dtype).index_select(0, sample)
+    weighted_delta = flat_delta * (weights if weights.dim() == 2 else weights[:, None])
+    return _weighted_sum(flat_x, weighted_delta, has_bias, transposed)
+
+
+def sample_weights(beta: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``scale·β`` in ``dtype``, shaped to multiply ``delta`` of shape ``(B, T, o)``: ``(B, 1, 1)`` for
+    FNGD's ``β`` of shape ``(B,)``, ``(B, 1, o)`` for CW-NGD's ``(B, o)``."""
+    weights = beta * scale
+    if weights.dtype != dtype:
+        weights = weights.to(dtype)
+    return weights.view(beta.shape[0], 1, -1)
+
+
+def apply_sample_weights(
+    x: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor, has_bias: bool, transposed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dW, db)`` of :func:`weighted_gradient` from ``weights = sample_weights(β, scale, delta.dtype)``."""
+    batch, length, in_features = x.shape
+    weighted_delta = (delta * weights).reshape(batch * length, -1)
+    return _weighted_sum(x.reshape(batch * length, in_features), weighted_delta, has_bias, transposed)
+
+
+def _weighted_sum(
+    flat_x: torch.Tensor, weighted_delta: torch.Tensor, has_bias: bool, transposed: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     # Under autocast x may be float32 (a LayerNorm output) while delta is bf16: use delta's dtype,
     # as autograd's own weight gradient would.
     if flat_x.dtype != weighted_delta.dtype:

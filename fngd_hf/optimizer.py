@@ -145,6 +145,9 @@ class FNGD(LayerwiseOptimizer):
         self._fixed_accumulation_warned = False
         self._diag = self._empty_diagnostics()
         self._diag_staged: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (λB, ‖K‖_F, B) since the last step
+        # (self.state, per-layer state dicts, their coef_bank views, the stacked bank): see _stacked_bank
+        self._bank_stack: tuple | None = None
+        self._shared_weights: dict[tuple, tuple[torch.Tensor, ...] | None] = {}  # this step's, per micro-batch
 
     # ----------------------------------------------------------------------------- settings
     @property
@@ -211,7 +214,9 @@ class FNGD(LayerwiseOptimizer):
         return self._stored_size(layer, slot, micro) > 0
 
     def _layer_gradient(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor):
-        """Called from the layer's backward: the micro-batch's natural gradient, already averaged."""
+        """Called from the layer's backward: the micro-batch's natural gradient, already averaged.
+
+        ``x`` and ``delta`` are outside any graph (the capture detaches them under ``create_graph``)."""
         group = self.param_groups[0]
         micro = layer.micro_batches
         batch = x.shape[0]
@@ -221,11 +226,14 @@ class FNGD(LayerwiseOptimizer):
         if by_sample:
             self._micro_batch_ids(micro, batch)
         layer.micro_batches += 1
-        accumulation = self._accumulation
-        scale = float(batch * accumulation)  # g_n = B_total · (sample n's contribution)
+        scale = float(batch * self._accumulation)  # g_n = B_total · (sample n's contribution)
 
         stored, bank_slot = None, slot
         if slot is not None and self.global_step >= self._steps_per_epoch:
+            weights = self._shared_sample_weights(layer, slot, micro, batch, delta.dtype)
+            if weights is not None:  # the shared phase's fast path: every layer's weights made at once
+                self._diag["shared"] += 1
+                return F.apply_sample_weights(x, delta, weights, layer.has_bias, layer.transposed)
             stored = self._stored_coefficients(layer, slot, micro, batch)
             if stored is None and self._slot_filled(layer, slot, micro):
                 bank_slot = None  # keep the first epoch's beta; this odd-sized batch is one-off
@@ -244,31 +252,73 @@ class FNGD(LayerwiseOptimizer):
             # (padding): same numbers, 1.99x -> 1.52x AdamW's step (benchmarks/step_time.py). On GPUs
             # the extra host sync per layer would cost more than it saves there (host-bound steps).
             if x.device.type == "cpu" and x.shape[1] > 1:
-                tokens = F.kept_tokens(x.detach(), delta.detach())
+                tokens = F.kept_tokens(x, delta)
             beta, diagonal, damping_b, gram_norm = self._fresh_coefficients(
                 layer, self._stats(x), self._stats(delta), scale, group, tokens
             )
             if by_sample:
-                self._pending.setdefault(id(layer), []).append((None, micro, beta.detach().float(), diagonal.detach().float()))
+                self._pending.setdefault(id(layer), []).append((None, micro, beta.float(), diagonal.float()))
             elif bank_slot is not None:
                 self._pending.setdefault(id(layer), []).append(
-                    (bank_slot, micro, beta.detach().float(), diagonal.detach().float().sum(0))
+                    (bank_slot, micro, beta.float(), diagonal.float().sum(0))
                 )
             # Summed once per step (not per layer: kernels cost host time on GPUs), read by diagnostics().
-            self._diag_staged.append((damping_b.detach(), gram_norm.detach(), batch))
+            self._diag_staged.append((damping_b, gram_norm, batch))
             self._diag["fresh"] += 1
             self._note_finite(beta)  # stored coefficients were checked before they were banked
-        d_weight, d_bias = F.weighted_gradient(
-            x.detach(), delta.detach(), beta, scale, layer.has_bias, layer.transposed, tokens
-        )
-        # Each micro-batch's d is divided by the declared count so the sum is the average.
-        if accumulation > 1:
-            d_weight = d_weight / accumulation
-            d_bias = None if d_bias is None else d_bias / accumulation
-        return d_weight, d_bias
+        # Each micro-batch's d is divided by the declared count so the sum is the average: the weights
+        # then carry scale / accumulation = B.
+        return F.weighted_gradient(x, delta, beta, float(batch), layer.has_bias, layer.transposed, tokens)
+
+    def _shared_sample_weights(self, layer: CapturedLayer, slot: int, micro: int, batch: int, dtype: torch.dtype):
+        """``B·β`` of the stored slot as :func:`F.sample_weights` shapes it, or ``None`` for the general path.
+
+        The first layer of a micro-batch's backward scales the stored ``β`` of every layer at once, from
+        one stacked bank: a few kernels per micro-batch instead of an index and a multiply per layer
+        (host time bounds a GPU step). Only for ``scale_mode="shared"`` by position, with FNGD's
+        ``(B,)`` coefficients; anything else (CW-NGD, a refreshed scale, a slot stored with another
+        batch size) takes the general path.
+        """
+        key = (micro, batch, dtype)
+        weights = self._shared_weights.get(key, False)
+        if weights is False:
+            weights = self._shared_weights[key] = self._all_shared_sample_weights(slot, micro, batch, dtype)
+        return None if weights is None else weights[layer.index]
+
+    def _all_shared_sample_weights(self, slot: int, micro: int, batch: int, dtype: torch.dtype):
+        """Per layer (in ``self._layers`` order): its weights, or ``None`` if its slot holds another batch size."""
+        stacked = self._stacked_bank() if self.scale_mode == "shared" else None
+        if stacked is None:
+            return None
+        weights = stacked[:, slot, micro, :batch].mul(batch).to(dtype)[:, :, None, None].unbind(0)
+        return tuple(w if self._stored_size(layer, slot, micro) == batch else None for layer, w in zip(self._layers, weights))
+
+    def _stacked_bank(self) -> torch.Tensor | None:
+        """Every layer's ``coef_bank`` as one ``(layers, P, micro-batches, B)`` tensor, or ``None`` if their
+        shapes, dtypes or devices differ. Each layer's state then holds a view of it (no second copy); a
+        bank replaced since (grown, or a loaded state) is noticed by identity and stacked again."""
+        cached = self._bank_stack
+        if cached is not None:
+            state, layer_states, views, stacked = cached
+            if state is self.state and all(s.get("coef_bank") is v for s, v in zip(layer_states, views)):
+                return stacked
+        self._bank_stack = None
+        layer_states = [self.state[layer.weight] for layer in self._layers]
+        banks = [layer_state.get("coef_bank") for layer_state in layer_states]
+        first = banks[0]
+        if first is None or first.dim() != 3 or any(
+            bank is None or bank.shape != first.shape or bank.dtype != first.dtype or bank.device != first.device
+            for bank in banks
+        ):
+            return None
+        stacked = torch.stack(banks)
+        views = stacked.unbind(0)
+        for layer_state, view in zip(layer_states, views):
+            layer_state["coef_bank"] = view
+        self._bank_stack = (self.state, layer_states, views, stacked)
+        return stacked
 
     def _stats(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.detach()
         return tensor if tensor.dtype == self.stat_dtype else tensor.to(self.stat_dtype)
 
     def _fresh_coefficients(
@@ -357,6 +407,7 @@ class FNGD(LayerwiseOptimizer):
 
     def _discard_staged(self) -> None:
         self._fold_diagnostics()
+        self._shared_weights.clear()
         self._pending.clear()
         self._sample_ids.clear()
         self._sample_rows.clear()
@@ -581,6 +632,7 @@ class FNGD(LayerwiseOptimizer):
                     stacklevel=3,
                 )
         self._host_sizes.clear()
+        self._bank_stack = None  # the loaded banks replace the stacked one
         self._solve_check_fell_back = bool(extra.get("solve_check_fell_back", False))
         self._sample_index = SampleIndex(extra.get("sample_ids"))
         self._incomplete_layers = set(extra.get("incomplete_layers", ()))
