@@ -13,6 +13,7 @@ The returned handle's ``remove()`` restores the original class.
 
 from __future__ import annotations
 
+import copyreg
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -108,10 +109,9 @@ def _capturing_forward(self, input, *args, **kwargs):
 def _reduce_as_original(self, protocol):
     # Pickled or deep-copied, a captured layer is its original class, uncaptured: the capture
     # belongs to the optimizer, not to the model (a copy must not feed this optimizer).
-    layer: CapturedLayer = self.__dict__["_fngd_capture"]
-    reconstruct, args, state, *rest = object.__reduce_ex__(self, protocol)
-    state = {key: value for key, value in state.items() if key != "_fngd_capture"}
-    return (reconstruct, (layer.original_class,) + tuple(args[1:]), state, *rest)
+    # copyreg's own reconstructor (what protocols 0 and 1 use): unpickling needs no fngd_hf.
+    state = {key: value for key, value in self.__getstate__().items() if key != "_fngd_capture"}
+    return copyreg._reconstructor, (self.__dict__["_fngd_capture"].original_class, object, None), state
 
 
 _CAPTURING_CLASSES: dict[type, type] = {}

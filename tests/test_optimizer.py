@@ -130,6 +130,54 @@ def test_sharing_reuses_coefficients_by_step_index(monkeypatch):
     torch.testing.assert_close(model[0].weight.grad.double(), expected.double(), rtol=1e-4, atol=1e-7)
 
 
+def test_stacked_bank_fast_path_equals_the_per_layer_path(monkeypatch):
+    """The shared phase scales every layer's beta at once from a stacked bank; the per-layer path is
+    the reference. Covers a smaller last batch, a skipped first-epoch step (its slot is filled in the
+    shared phase, growing the bank after it was stacked), and a checkpoint in between."""
+    # P = 3. Slot 0 stored at 5, slot 1 skipped (NaN), slot 2 at 5; step 4 fills slot 1 at 7 (the bank
+    # grows after it was stacked); step 6's batch of 3 gets fresh coefficients; steps 7-9 reuse them all.
+    sizes = [5, 3, 5, 5, 7, 5, 3, 7, 5, 5]
+
+    def run(stacked):
+        if not stacked:
+            monkeypatch.setattr(FNGD, "_stacked_bank", lambda self: None)
+        model = make_mlp()
+        opt = FNGD(model, lr=0.02, steps_per_epoch=3)
+        for step, batch in enumerate(sizes):
+            x, y = mlp_batch(step, batch)
+            if step == 1:
+                x[0, 0] = float("nan")
+            nn.functional.cross_entropy(model(x), y).backward()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step()
+            opt.zero_grad()
+            if step == 6:  # a checkpoint of the (stacked) bank, reloaded into a fresh optimizer
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                buffer.seek(0)
+                state = torch.load(buffer, weights_only=True)
+                model_state = {k: v.clone() for k, v in model.state_dict().items()}
+                opt.remove_hooks()
+                model = make_mlp(seed=1)
+                model.load_state_dict(model_state)
+                opt = FNGD(model, lr=0.02, steps_per_epoch=3)
+                opt.load_state_dict(state)
+        monkeypatch.undo()
+        return model, opt
+
+    fast_model, fast_opt = run(stacked=True)
+    slow_model, slow_opt = run(stacked=False)
+    assert fast_opt.skipped_steps == slow_opt.skipped_steps == 1
+    banks = [fast_opt.state[layer.weight]["coef_bank"] for layer in fast_opt._layers]
+    assert banks[0].shape == (3, 1, 7)  # grown to the batch of 7 stored for slot 1 in the shared phase
+    assert len({bank.untyped_storage().data_ptr() for bank in banks}) == 1  # one stacked tensor, no copy
+    for a, b in zip(fast_model.parameters(), slow_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for layer, slow_layer in zip(fast_opt._layers, slow_opt._layers):
+        assert torch.equal(fast_opt.state[layer.weight]["coef_bank"], slow_opt.state[slow_layer.weight]["coef_bank"])
+
+
 def test_batch_size_change_gets_fresh_coefficients(monkeypatch):
     calls = count_grams(monkeypatch)
     model = make_mlp()
@@ -195,7 +243,67 @@ def test_no_capture_in_eval_no_grad_or_optimizer_eval(monkeypatch):
     opt.remove_hooks()
     nn.functional.cross_entropy(model(x), y).backward()
     assert len(calls) == 2
-    assert all(not m._forward_hooks for m in model.modules())
+    assert type(model[0]) is nn.Linear and type(model[3]) is nn.Linear  # original classes back
+    assert all("_fngd_capture" not in m.__dict__ for m in model.modules())
+
+
+def test_capture_changes_no_forward_and_leaves_repr_and_isinstance_alone():
+    model, plain = make_mlp(), make_mlp()
+    text = repr(plain)
+    FNGD(model, steps_per_epoch=2)
+    assert repr(model) == text
+    assert isinstance(model[0], nn.Linear) and type(model[0]) is not nn.Linear
+    x, _ = mlp_batch(0)
+    assert torch.equal(model(x), plain(x))
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+
+
+def test_copies_of_a_captured_model_are_plain_and_do_not_feed_the_optimizer():
+    import copy
+    import pickle
+
+    model = make_mlp()
+    opt = FNGD(model, steps_per_epoch=2)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(clone[0]) is nn.Linear and "_fngd_capture" not in clone[0].__dict__
+        for a, b in zip(clone.parameters(), model.parameters()):
+            assert torch.equal(a, b)
+        x, y = mlp_batch(0)
+        nn.functional.cross_entropy(clone(x), y).backward()
+        assert all(layer.micro_batches == 0 for layer in opt._layers)
+        assert clone[0].weight.grad is not None and model[0].weight.grad is None
+    assert type(model[0]) is not nn.Linear  # the original stays captured
+
+
+def test_a_second_optimizer_on_the_same_model_takes_the_layers_over():
+    model, reference = make_mlp(), make_mlp()
+    first = FNGD(model, lr=0.02, steps_per_epoch=2)
+    with pytest.warns(RuntimeWarning, match="takes it over"):
+        second = FNGD(model, lr=0.02, steps_per_epoch=2)
+    first.remove_hooks()  # undoes nothing: the layers are the second optimizer's now
+    assert type(model[0]) is not nn.Linear
+    train_steps(model, second, seeds=[0, 1, 2])
+    train_steps(reference, FNGD(reference, lr=0.02, steps_per_epoch=2), seeds=[0, 1, 2])
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    second.remove_hooks()
+    assert type(model[0]) is nn.Linear
+
+
+def test_backward_with_create_graph_gives_the_same_step():
+    model, reference = make_mlp(), make_mlp()
+    opt, ref_opt = FNGD(model, lr=0.02, steps_per_epoch=2), FNGD(reference, lr=0.02, steps_per_epoch=2)
+    for seed in range(3):  # first epoch and shared phase
+        x, y = mlp_batch(seed)
+        nn.functional.cross_entropy(model(x), y).backward(create_graph=True)
+        nn.functional.cross_entropy(reference(x), y).backward()
+        assert not model[0].weight.grad.requires_grad or model[0].weight.grad.grad_fn is None
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------ state dict
@@ -505,9 +613,9 @@ def test_failed_step_time_check_skips_the_step_then_checks_per_layer():
     assert all(len(state) == 0 for state in deferred_opt.state.values())  # no momentum, no moments
     # The fallback survives a checkpoint, and the next steps are the per-layer-checked ones.
     saved = deferred_opt.state_dict()
+    deferred_opt.remove_hooks()
     resumed = FNGD(deferred, lr=1e-3, damping=1e-30, damping_mode="fixed", share_coefficients=False, solve_check="per_step")
     resumed.load_state_dict(saved)
-    deferred_opt.remove_hooks()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 2, generator=g), torch.randint(0, 2, (32,), generator=g)
     for _ in range(2):

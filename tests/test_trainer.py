@@ -399,19 +399,19 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, checkpoint_step):
 
 # ------------------------------------------------------------------------ eval and generate
 def count_maths(monkeypatch):
+    """Counts Gram matrices and weighted gradients (either entry: the shared phase's fast path
+    calls ``apply_sample_weights`` directly)."""
     calls = {"gram": 0, "weighted": 0}
-    gram, weighted = functional.gram_matrix, functional.weighted_gradient
 
-    def counting_gram(*args, **kwargs):
-        calls["gram"] += 1
-        return gram(*args, **kwargs)
+    def counting(key, original):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return original(*args, **kwargs)
+        return wrapper
 
-    def counting_weighted(*args, **kwargs):
-        calls["weighted"] += 1
-        return weighted(*args, **kwargs)
-
-    monkeypatch.setattr(functional, "gram_matrix", counting_gram)
-    monkeypatch.setattr(functional, "weighted_gradient", counting_weighted)
+    monkeypatch.setattr(functional, "gram_matrix", counting("gram", functional.gram_matrix))
+    for name in ("weighted_gradient", "apply_sample_weights"):
+        monkeypatch.setattr(functional, name, counting("weighted", getattr(functional, name)))
     return calls
 
 
