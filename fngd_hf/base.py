@@ -297,7 +297,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         flags = []
         if tensors:
             norms = torch._foreach_norm(tensors)
-            flags.append(torch.stack([n.to(norms[0].dtype) for n in norms]).isfinite().all())
+            if any(n.dtype != norms[0].dtype for n in norms):  # e.g. float64 statistics
+                norms = [n.to(norms[0].dtype) for n in norms]
+            flags.append(torch.stack(norms).isfinite().all())
         if self._factor_infos:
             flags.append(torch.cat([info.reshape(-1) for info in self._factor_infos]).eq(0).all())
         if not flags:
@@ -325,9 +327,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            factor = self._accumulation_correction(layer, group)
-            for p in (layer.weight, layer.bias):
-                if p is not None and p.grad is not None:
+            factor = 1.0 if layer.micro_batches == self._accumulation else self._accumulation_correction(layer, group)
+            for p in layer.params:
+                if p.grad is not None:
                     params.append(p)
                     directions.append(p.grad if factor == 1.0 else p.grad * factor)
                     owner.append(index)

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .layers import is_transposed
+from .layers import is_transposed, layer_parameters
 
 # (layer, x of shape (B, T, i), delta of shape (B, T, o)) -> (d_weight, d_bias)
 NaturalGradientFn = Callable[["CapturedLayer", torch.Tensor, torch.Tensor], tuple]
@@ -42,6 +42,7 @@ class CapturedLayer:
     index: int = 0  # position among the optimizer's managed layers
     micro_batches: int = 0  # backward passes through this layer since the last step()
     handle: "CaptureHandle | None" = field(default=None, repr=False)
+    params: tuple = field(default=(), repr=False)  # the Fisher block: weight, and bias if trainable
 
     @property
     def weight(self) -> nn.Parameter:
@@ -176,6 +177,7 @@ def attach(
         original_class=original_class,
         original_forward=original_class.forward,
     )
+    layer.params = tuple(layer_parameters(module))
     module.__dict__["_fngd_capture"] = layer
     module.__class__ = _capturing_class(original_class)
     layer.handle = CaptureHandle(layer)

@@ -145,7 +145,7 @@ class FNGD(LayerwiseOptimizer):
         self._fixed_accumulation_warned = False
         self._diag = self._empty_diagnostics()
         self._diag_staged: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (λB, ‖K‖_F, B) since the last step
-        # (self.state, per-layer state dicts, their coef_bank views, the stacked bank): see _stacked_bank
+        # (self.state, per-layer state dicts, their coef_bank views, the stacked tensors): see _stacked_banks
         self._bank_stack: tuple | None = None
         self._shared_weights: dict[tuple, tuple[torch.Tensor, ...] | None] = {}  # this step's, per micro-batch
 
@@ -217,9 +217,20 @@ class FNGD(LayerwiseOptimizer):
         """Called from the layer's backward: the micro-batch's natural gradient, already averaged.
 
         ``x`` and ``delta`` are outside any graph (the capture detaches them under ``create_graph``)."""
-        group = self.param_groups[0]
         micro = layer.micro_batches
         batch = x.shape[0]
+        # The shared phase's fast path: the micro-batch's first layer scales every layer's stored beta at
+        # once, and each layer is then a lookup and the weighted sum (host time bounds a GPU step).
+        key = (micro, batch, delta.dtype)
+        if key not in self._shared_weights:
+            self._shared_weights[key] = self._all_shared_sample_weights(micro, batch, delta.dtype)
+        weights = self._shared_weights[key]
+        if weights is not None and weights[layer.index] is not None:
+            layer.micro_batches += 1
+            self._diag["shared"] += 1
+            return F.apply_sample_weights(x, delta, weights[layer.index], layer.has_bias, layer.transposed)
+
+        group = self.param_groups[0]
         # Both raise before any state changes (missing epoch length, missing sample ids).
         slot = self._sharing_slot()
         by_sample = self.share_coefficients and self.share_by == "sample"
@@ -230,10 +241,6 @@ class FNGD(LayerwiseOptimizer):
 
         stored, bank_slot = None, slot
         if slot is not None and self.global_step >= self._steps_per_epoch:
-            weights = self._shared_sample_weights(layer, slot, micro, batch, delta.dtype)
-            if weights is not None:  # the shared phase's fast path: every layer's weights made at once
-                self._diag["shared"] += 1
-                return F.apply_sample_weights(x, delta, weights, layer.has_bias, layer.transposed)
             stored = self._stored_coefficients(layer, slot, micro, batch)
             if stored is None and self._slot_filled(layer, slot, micro):
                 bank_slot = None  # keep the first epoch's beta; this odd-sized batch is one-off
@@ -270,52 +277,53 @@ class FNGD(LayerwiseOptimizer):
         # then carry scale / accumulation = B.
         return F.weighted_gradient(x, delta, beta, float(batch), layer.has_bias, layer.transposed, tokens)
 
-    def _shared_sample_weights(self, layer: CapturedLayer, slot: int, micro: int, batch: int, dtype: torch.dtype):
-        """``B·β`` of the stored slot as :func:`F.sample_weights` shapes it, or ``None`` for the general path.
-
-        The first layer of a micro-batch's backward scales the stored ``β`` of every layer at once, from
-        one stacked bank: a few kernels per micro-batch instead of an index and a multiply per layer
-        (host time bounds a GPU step). Only for ``scale_mode="shared"`` by position, with FNGD's
-        ``(B,)`` coefficients; anything else (CW-NGD, a refreshed scale, a slot stored with another
-        batch size) takes the general path.
-        """
-        key = (micro, batch, dtype)
-        weights = self._shared_weights.get(key, False)
-        if weights is False:
-            weights = self._shared_weights[key] = self._all_shared_sample_weights(slot, micro, batch, dtype)
-        return None if weights is None else weights[layer.index]
-
-    def _all_shared_sample_weights(self, slot: int, micro: int, batch: int, dtype: torch.dtype):
-        """Per layer (in ``self._layers`` order): its weights, or ``None`` if its slot holds another batch size."""
-        stacked = self._stacked_bank() if self.scale_mode == "shared" else None
-        if stacked is None:
+    def _all_shared_sample_weights(self, micro: int, batch: int, dtype: torch.dtype):
+        """``B·β`` of every layer's stored slot for this micro-batch, shaped as :func:`F.sample_weights`
+        shapes it (``None`` for a layer whose slot holds another batch size), from one stacked bank: a
+        few kernels per micro-batch instead of an index and a multiply per layer. ``None`` outside the
+        shared phase by position with ``scale_mode="shared"`` and FNGD's ``(B,)`` coefficients: those
+        take the general path."""
+        period = self._steps_per_epoch
+        if (not self.share_coefficients or self.share_by != "position" or self.scale_mode != "shared"
+                or period is None or self.global_step < period):
             return None
-        weights = stacked[:, slot, micro, :batch].mul(batch).to(dtype)[:, :, None, None].unbind(0)
+        stacked = self._stacked_banks()
+        if stacked is None or stacked[0].shape[1] != period or micro >= stacked[0].shape[2]:
+            return None  # none, or not for this epoch length or this many micro-batches
+        slot = self.global_step % period
+        weights = stacked[0][:, slot, micro, :batch].mul(batch).to(dtype)[:, :, None, None].unbind(0)
         return tuple(w if self._stored_size(layer, slot, micro) == batch else None for layer, w in zip(self._layers, weights))
 
-    def _stacked_bank(self) -> torch.Tensor | None:
-        """Every layer's ``coef_bank`` as one ``(layers, P, micro-batches, B)`` tensor, or ``None`` if their
-        shapes, dtypes or devices differ. Each layer's state then holds a view of it (no second copy); a
-        bank replaced since (grown, or a loaded state) is noticed by identity and stacked again."""
+    _stacked_keys = ("coef_bank", "coef_size", "coef_trace")
+
+    def _stacked_banks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Every layer's ``coef_bank``, ``coef_size`` and ``coef_trace``, each stacked into one tensor
+        (layers first), or ``None`` if a layer has none or their shapes, dtypes or devices differ (CW-NGD's
+        per-unit banks always do). Each layer's state then holds views of them (no second copy). A bank
+        replaced since (grown, or a loaded state: ``_reserve_bank`` replaces the three together) is
+        noticed by identity and stacked again."""
         cached = self._bank_stack
         if cached is not None:
-            state, layer_states, views, stacked = cached
-            if state is self.state and all(s.get("coef_bank") is v for s, v in zip(layer_states, views)):
+            state, layer_states, banks, stacked = cached
+            if state is self.state and all(s.get("coef_bank") is b for s, b in zip(layer_states, banks)):
                 return stacked
         self._bank_stack = None
         layer_states = [self.state[layer.weight] for layer in self._layers]
-        banks = [layer_state.get("coef_bank") for layer_state in layer_states]
-        first = banks[0]
-        if first is None or first.dim() != 3 or any(
-            bank is None or bank.shape != first.shape or bank.dtype != first.dtype or bank.device != first.device
-            for bank in banks
-        ):
+        columns = [[s.get(key) for s in layer_states] for key in self._stacked_keys]
+        for tensors in columns:
+            first = tensors[0]
+            if first is None or any(
+                t is None or t.shape != first.shape or t.dtype != first.dtype or t.device != first.device
+                for t in tensors
+            ):
+                return None
+        if columns[0][0].dim() != 3:  # FNGD's (P, micro-batches, B); CW-NGD's has a unit dimension
             return None
-        stacked = torch.stack(banks)
-        views = stacked.unbind(0)
-        for layer_state, view in zip(layer_states, views):
-            layer_state["coef_bank"] = view
-        self._bank_stack = (self.state, layer_states, views, stacked)
+        stacked = tuple(torch.stack(tensors) for tensors in columns)
+        for index, layer_state in enumerate(layer_states):
+            for key, column in zip(self._stacked_keys, stacked):
+                layer_state[key] = column[index]
+        self._bank_stack = (self.state, layer_states, [s["coef_bank"] for s in layer_states], stacked)
         return stacked
 
     def _stats(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -418,6 +426,8 @@ class FNGD(LayerwiseOptimizer):
             self._store_by_sample()
             return
         period = self._steps_per_epoch
+        if self._store_stacked(period):
+            return
         writes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (bank view, value), all layers
         tails: list[torch.Tensor] = []
         size_values: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -449,6 +459,34 @@ class FNGD(LayerwiseOptimizer):
                 values.append(value)
             for targets, values in by_dtype.values():
                 torch._foreach_copy_(targets, values)
+
+    def _store_stacked(self, period: int) -> bool:
+        """Store this step's coefficients of every layer with a few writes into the stacked banks, when every
+        layer staged the same (slot, micro-batch, batch size) entries and the banks hold them (the usual
+        case after the first step). ``False``: nothing was written, the per-layer path stores them."""
+        staged = [self._pending.get(id(layer)) for layer in self._layers]
+        keys = [(slot, micro, beta.shape[0]) for slot, micro, beta, _ in (staged[0] if staged else None) or ()]
+        if not keys or any(
+            not entries or [(slot, micro, beta.shape[0]) for slot, micro, beta, _ in entries] != keys
+            for entries in staged[1:]
+        ):
+            return False
+        stacked = self._stacked_banks()
+        if stacked is None:
+            return False
+        bank, sizes, traces = stacked
+        if bank.shape[1] != period or max(k[1] for k in keys) >= bank.shape[2] or max(k[2] for k in keys) > bank.shape[3]:
+            return False  # a new epoch length or a bigger batch: the per-layer path grows the banks
+        hosts = [self._host_size_table(layer) for layer in self._layers]
+        for index, (slot, micro, batch) in enumerate(keys):
+            bank[:, slot, micro, :batch] = torch.stack([entries[index][2] for entries in staged])
+            if batch < bank.shape[3]:
+                bank[:, slot, micro, batch:] = 0.0
+            traces[:, slot, micro] = torch.stack([entries[index][3] for entries in staged])
+            sizes[:, slot, micro] = batch
+            for host in hosts:
+                host[slot, micro] = batch  # the host copy follows the tensor: no device read later
+        return True
 
     def _reserve_bank(self, layer: CapturedLayer, period: int, micros: int, batch: int, like: torch.Tensor):
         """The layer's bank, grown (or restarted) so that ``micros`` micro-batches of ``batch`` samples fit."""

@@ -135,12 +135,13 @@ def test_stacked_bank_fast_path_equals_the_per_layer_path(monkeypatch):
     the reference. Covers a smaller last batch, a skipped first-epoch step (its slot is filled in the
     shared phase, growing the bank after it was stacked), and a checkpoint in between."""
     # P = 3. Slot 0 stored at 5, slot 1 skipped (NaN), slot 2 at 5; step 4 fills slot 1 at 7 (the bank
-    # grows after it was stacked); step 6's batch of 3 gets fresh coefficients; steps 7-9 reuse them all.
-    sizes = [5, 3, 5, 5, 7, 5, 3, 7, 5, 5]
+    # grows after it was stacked); step 6's batch of 3 gets fresh coefficients; steps 7-9 reuse them all;
+    # step 10 has two micro-batches (a second one the bank has no room for), step 11 reuses both.
+    sizes = [5, 3, 5, 5, 7, 5, 3, 7, 5, 5, 5, 5, 5, 5]
 
     def run(stacked):
         if not stacked:
-            monkeypatch.setattr(FNGD, "_stacked_bank", lambda self: None)
+            monkeypatch.setattr(FNGD, "_stacked_banks", lambda self: None)
         model = make_mlp()
         opt = FNGD(model, lr=0.02, steps_per_epoch=3)
         for step, batch in enumerate(sizes):
@@ -148,6 +149,8 @@ def test_stacked_bank_fast_path_equals_the_per_layer_path(monkeypatch):
             if step == 1:
                 x[0, 0] = float("nan")
             nn.functional.cross_entropy(model(x), y).backward()
+            if step in (10, 13):
+                nn.functional.cross_entropy(model(x + 1), y).backward()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 opt.step()
@@ -170,7 +173,7 @@ def test_stacked_bank_fast_path_equals_the_per_layer_path(monkeypatch):
     slow_model, slow_opt = run(stacked=False)
     assert fast_opt.skipped_steps == slow_opt.skipped_steps == 1
     banks = [fast_opt.state[layer.weight]["coef_bank"] for layer in fast_opt._layers]
-    assert banks[0].shape == (3, 1, 7)  # grown to the batch of 7 stored for slot 1 in the shared phase
+    assert banks[0].shape == (3, 2, 7)  # grown to the batch of 7 (slot 1) and to 2 micro-batches (slot 1)
     assert len({bank.untyped_storage().data_ptr() for bank in banks}) == 1  # one stacked tensor, no copy
     for a, b in zip(fast_model.parameters(), slow_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
