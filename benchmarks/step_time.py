@@ -30,6 +30,9 @@ Methods (``--methods``, comma separated):
   every step, inverses every 10), ``sngd`` (refresh every 10), ``shampoo`` (pytorch-optimizer,
   preconditioners every 10 steps). K-FAC/SNGD/Shampoo medians include their periodic refresh steps.
 
+``--clock thread`` (CPU, ``--threads 1``) times each step by the main thread's CPU time instead of
+the wall clock: on a shared or virtual machine it leaves out the time other processes take.
+
 A measured step is ``zero_grad(set_to_none=True)`` + forward (under bf16 autocast with
 ``--bf16``) + backward + ``optimizer.step()``, bracketed by ``torch.cuda.synchronize()`` on GPU.
 Rounds go through the methods in a rotating order, so drift (clocks, thermals, other load) hits
@@ -260,6 +263,8 @@ def count_ops(model, opt, batch, device, bf16):
 
 
 def measure(methods, base_model, batches, args, device):
+    # "thread": CPU time of this thread, blind to time the VM or other processes take (CPU, one thread).
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     runs = {}
     for method in methods:
         model = copy.deepcopy(base_model).to(device).train()
@@ -281,10 +286,10 @@ def measure(methods, base_model, batches, args, device):
                 torch.cuda.reset_peak_memory_stats(device)
                 resident = torch.cuda.memory_allocated(device)
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             loss = train_step(run["model"], run["opt"], batch, device, args.bf16)
             sync(device)
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if r >= args.warmup:
                 run["times"].append(elapsed)
                 run["losses"].append(loss.item())
@@ -558,10 +563,15 @@ def main(argv=None):
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (all methods)")
     parser.add_argument("--gpu-code-path", action="store_true",
                         help="on a CPU, run FNGD's GPU code path (see emulate_gpu_code_path) to count its operators")
+    parser.add_argument("--clock", default="wall", choices=["wall", "thread"],
+                        help="thread: the main thread's CPU time per step (CPU with --threads 1 only); steadier than "
+                             "wall time on a shared or virtual machine")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     args.bf16 = args.bf16 or args.dtype == "bf16"
+    if args.clock == "thread" and (args.device != "cpu" or args.threads != 1):
+        parser.error("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
     if args.gpu_code_path:
         emulate_gpu_code_path()
     if args.warmup <= 2 and "fngd_shared" in args.methods:
@@ -600,6 +610,7 @@ def main(argv=None):
         tf32=args.tf32,
         steps=args.steps,
         warmup=args.warmup,
+        clock=args.clock,
         command=" ".join([Path(sys.executable).name] + sys.argv),
     )
     print(

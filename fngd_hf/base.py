@@ -1,7 +1,7 @@
 """What every layer-wise preconditioner here shares: one optimizer, two kinds of param groups.
 
 Groups with ``fngd=True`` hold the weight and bias of managed ``Linear``/``Conv1D`` layers; their
-``.grad`` receives a preconditioned direction from the capture hook during backward, and
+``.grad`` receives a preconditioned direction from the capture (``capture.py``) during backward, and
 ``step()`` applies trust region, weight decay, momentum and the learning rate. Groups with
 ``fngd=False`` hold every other trainable parameter and follow ``torch.optim.AdamW`` exactly.
 Subclasses (FNGD, CW-NGD, K-FAC, SNGD) only say how a layer's direction is computed.
@@ -62,7 +62,7 @@ def weight_decay_groups(
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
-    """Base class: hooks, AdamW groups, the step skeleton and its safeguards, extra state."""
+    """Base class: capture, AdamW groups, the step skeleton and its safeguards, extra state."""
 
     name = "layerwise"
     # torch.amp.GradScaler then hands its scale to step() (as `grad_scale`) instead of unscaling
@@ -190,9 +190,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             layer.micro_batches = 0
 
     def remove_hooks(self) -> None:
-        """Detach from the model: managed layers then get their plain gradient, and ``step()`` applies
-        it with this optimizer's momentum, trust region and learning rate (it is no longer a natural
-        gradient)."""
+        """Detach from the model (the layers get their original class back): managed layers then get
+        their plain gradient, and ``step()`` applies it with this optimizer's momentum, trust region
+        and learning rate (it is no longer a natural gradient)."""
         for layer in self._layers:
             if layer.handle is not None:
                 layer.handle.remove()
@@ -319,7 +319,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             if layer.micro_batches == 0 and layer.name not in self._bypassed_warned and any(
                 p is not None and p.grad is not None for p in (layer.weight, layer.bias)
             ):
-                # e.g. nn.MultiheadAttention calls F.linear on out_proj's weight: the hook never runs.
+                # e.g. nn.MultiheadAttention calls F.linear on out_proj's weight: its forward never runs.
                 self._bypassed_warned.add(layer.name)
                 warnings.warn(
                     f"{layer.name} got a gradient without running its forward (its weight is used directly), "

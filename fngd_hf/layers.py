@@ -49,7 +49,7 @@ def _vocabulary_heads(model: nn.Module) -> set[int]:
 
 
 def _weight_used_directly(model: nn.Module) -> dict[int, str]:
-    """Linear layers whose owner calls ``F.linear`` on their weight, so their forward hook never runs."""
+    """Linear layers whose owner calls ``F.linear`` on their weight, so their forward never runs."""
     return {id(m.out_proj): "nn.MultiheadAttention applies its out_proj weight directly (F.linear)"
             for m in model.modules() if isinstance(m, nn.MultiheadAttention) and isinstance(m.out_proj, nn.Module)}
 

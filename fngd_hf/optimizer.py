@@ -111,7 +111,7 @@ class FNGD(LayerwiseOptimizer):
             raise ValueError(f"Invalid share_by: {share_by!r} (expected 'position' or 'sample')")
         if solve_check not in ("auto", "per_layer", "per_step"):
             raise ValueError(f"Invalid solve_check: {solve_check!r} (expected 'auto', 'per_layer' or 'per_step')")
-        self.steps_per_epoch = steps_per_epoch  # validates before any hook is attached
+        self.steps_per_epoch = steps_per_epoch  # validates before any layer is captured
         super().__init__(
             model,
             lr=lr,
