@@ -96,15 +96,16 @@ class _NaturalGradientLinear(torch.autograd.Function):
         return grad_input, d_weight, d_bias, None
 
 
-def _capturing_forward(self, input, *args, **kwargs):
+def _capturing_forward(self, *args, **kwargs):
     layer: CapturedLayer = self.__dict__["_fngd_capture"]
-    # Zero overhead in evaluation and generation: nothing is captured or replaced.
-    if args or kwargs or not (self.training and torch.is_grad_enabled() and layer.is_enabled()):
-        return layer.original_forward(self, input, *args, **kwargs)
+    # Zero overhead in evaluation and generation: nothing is captured or replaced. A call other than
+    # layer(x) is left to the layer itself (it then gets its plain gradient, and step() says so).
+    if len(args) != 1 or kwargs or not (self.training and torch.is_grad_enabled() and layer.is_enabled()):
+        return layer.original_forward(self, *args, **kwargs)
     weight = self.weight
     if not weight.requires_grad:
-        return layer.original_forward(self, input)
-    return _NaturalGradientLinear.apply(input, weight, self.bias if layer.has_bias else None, layer)
+        return layer.original_forward(self, *args)
+    return _NaturalGradientLinear.apply(args[0], weight, self.bias if layer.has_bias else None, layer)
 
 
 def _reduce_as_original(self, protocol):

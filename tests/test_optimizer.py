@@ -260,6 +260,7 @@ def test_capture_changes_no_forward_and_leaves_repr_and_isinstance_alone():
     assert torch.equal(model(x), plain(x))
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))
+    assert torch.equal(model[0](input=x), plain[0](input=x))  # a keyword call: the layer's own forward
 
 
 def test_copies_of_a_captured_model_are_plain_and_do_not_feed_the_optimizer():
