@@ -17,6 +17,21 @@ _PER_SAMPLE_MAX_ELEMENTS = 1 << 27
 _MEMORY_COST = 100
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(value: float, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A read-only tensor filled with ``value``, made once per (shape, dtype, device): a GPU step is bound
+    by the host, and a fresh ``torch.ones`` per layer is a kernel launch each time."""
+    key = (value, shape, dtype, device)
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        if len(_CONSTANTS) > 64:  # a few batch sizes and dtypes in practice; never grow without bound
+            _CONSTANTS.clear()
+        tensor = _CONSTANTS[key] = torch.full(shape, value, dtype=dtype, device=device)
+    return tensor
+
+
 def choose_gram_path(batch: int, tokens: int, in_features: int, out_features: int, kept_tokens: int | None = None) -> str:
     """The cheaper way (multiply-adds plus memory traffic) to form ``K`` for a layer of this shape.
 
@@ -84,9 +99,10 @@ def gram_matrix(
             flat_delta = delta.reshape(batch * length, out_features)
         else:
             flat_x, flat_delta, sample = (t.to(x.dtype) if t.is_floating_point() else t for t in tokens)
-        input_gram = flat_x @ flat_x.T
-        if has_bias:
-            input_gram += 1.0
+        if has_bias:  # x̂·x̂' = x·x' + 1, the 1 broadcast into the matmul
+            input_gram = torch.addmm(_constant(1.0, (), flat_x.dtype, flat_x.device), flat_x, flat_x.T)
+        else:
+            input_gram = flat_x @ flat_x.T
         # scale² rides on the delta Gram's matmul (beta=0: addmm ignores its first argument).
         token_gram = input_gram.mul_(torch.addmm(input_gram, flat_delta, flat_delta.T, beta=0, alpha=scale * scale))
         if tokens is None:
@@ -205,7 +221,7 @@ def solve_coefficients_deferred(
     system with ``λB = 0`` (relative damping of a ``K = 0``: a layer or unit with no gradient)
     gets ``β = 0``, as there.
     """
-    ones = torch.ones(*gram.shape[:-1], 1, dtype=gram.dtype, device=gram.device)
+    ones = _constant(1.0, (*gram.shape[:-1], 1), gram.dtype, gram.device)
     damping_b = damping_b.to(gram.dtype)
     live = damping_b != 0
     damping_b = torch.where(live, damping_b, 1.0)  # K = 0 there: solve I β = 1, then zero β
