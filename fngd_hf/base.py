@@ -296,10 +296,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         tensors += self._finite_checks
         flags = []
         if tensors:
-            norms = torch._foreach_norm(tensors)
-            if any(n.dtype != norms[0].dtype for n in norms):  # e.g. float64 statistics
-                norms = [n.to(norms[0].dtype) for n in norms]
-            flags.append(torch.stack(norms).isfinite().all())
+            # stack promotes mixed dtypes (e.g. float64 statistics next to float32 gradients)
+            flags.append(torch.stack(torch._foreach_norm(tensors)).isfinite().all())
         if self._factor_infos:
             flags.append(torch.cat([info.reshape(-1) for info in self._factor_infos]).eq(0).all())
         if not flags:

@@ -486,13 +486,11 @@ class FNGDTrainer(Seq2SeqTrainer):
         self._record_direction_norm(fngd)
         if not plain:
             return torch.zeros((), device=self.args.device)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in plain]))
+        return _global_norm([p.grad for p in plain])
 
     def _record_direction_norm(self, params) -> None:
         if params:
-            self._fngd_direction_norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])
-            )
+            self._fngd_direction_norm = _global_norm([p.grad.detach() for p in params])
 
     # ------------------------------------------------------------------------------ logging
     def train(self, *args, **kwargs):
@@ -560,6 +558,12 @@ class FNGDTrainer(Seq2SeqTrainer):
         path = os.path.join(checkpoint, _RANK_BANK_FILE.format(rank=self.args.process_index))
         if self.args.world_size > 1 and os.path.isfile(path):
             _restore_banks(opt, torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``tensors`` together, as float32, from multi-tensor kernels: one norm kernel per
+    tensor would cost a launch per managed parameter at every step (host time on GPUs)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float())
 
 
 def _batch_sample_keys(inputs) -> torch.Tensor:

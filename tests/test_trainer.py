@@ -252,6 +252,17 @@ def test_sample_keys_ignore_padding_and_tell_samples_apart():
         sample_keys(ids, labels[:2])
 
 
+def test_global_norm_of_mixed_dtypes_equals_the_norm_of_everything():
+    from fngd_hf.trainer import _global_norm
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g).bfloat16(), torch.randn(2, 2, generator=g).double()]
+    expected = torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in tensors]))
+    norm = _global_norm(tensors)
+    assert norm.dtype == torch.float32
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-2, atol=0)  # bf16 norms: about 3 digits
+
+
 def test_diagnostics_are_logged(tmp_path):
     args = make_args(tmp_path, max_steps=4, logging_steps=2)
     trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32))
