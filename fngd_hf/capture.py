@@ -97,7 +97,9 @@ class _NaturalGradientLinear(torch.autograd.Function):
 
 
 def _capturing_forward(self, *args, **kwargs):
-    layer: CapturedLayer = self.__dict__["_fngd_capture"]
+    layer: CapturedLayer | None = self.__dict__.get("_fngd_capture")
+    if layer is None:  # made from the captured class itself (``type(layer)(...)``): a plain layer
+        return self._fngd_original_class.forward(self, *args, **kwargs)
     # Zero overhead in evaluation and generation: nothing is captured or replaced. A call other than
     # layer(x) is left to the layer itself (it then gets its plain gradient, and step() says so).
     if len(args) != 1 or kwargs or not (self.training and torch.is_grad_enabled() and layer.is_enabled()):
@@ -113,7 +115,7 @@ def _reduce_as_original(self, protocol):
     # belongs to the optimizer, not to the model (a copy must not feed this optimizer).
     # copyreg's own reconstructor (what protocols 0 and 1 use): unpickling needs no fngd_hf.
     state = {key: value for key, value in self.__getstate__().items() if key != "_fngd_capture"}
-    return copyreg._reconstructor, (self.__dict__["_fngd_capture"].original_class, object, None), state
+    return copyreg._reconstructor, (self._fngd_original_class, object, None), state
 
 
 _CAPTURING_CLASSES: dict[type, type] = {}
@@ -126,6 +128,7 @@ def _capturing_class(cls: type) -> type:
         captured = type(cls.__name__, (cls,), {
             "forward": _capturing_forward,
             "__reduce_ex__": _reduce_as_original,
+            "_fngd_original_class": cls,
             "__qualname__": cls.__qualname__,
             "__module__": cls.__module__,
         })

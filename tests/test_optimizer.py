@@ -278,6 +278,10 @@ def test_copies_of_a_captured_model_are_plain_and_do_not_feed_the_optimizer():
         assert all(layer.micro_batches == 0 for layer in opt._layers)
         assert clone[0].weight.grad is not None and model[0].weight.grad is None
     assert type(model[0]) is not nn.Linear  # the original stays captured
+    made = type(model[0])(6, 8)  # an instance of the capturing class itself is a plain layer
+    x, _ = mlp_batch(0)
+    assert torch.equal(made(x), nn.functional.linear(x, made.weight, made.bias))
+    assert type(copy.deepcopy(made)) is nn.Linear
 
 
 def test_a_second_optimizer_on_the_same_model_takes_the_layers_over():
