@@ -465,11 +465,10 @@ class FNGD(LayerwiseOptimizer):
         layer staged the same (slot, micro-batch, batch size) entries and the banks hold them (the usual
         case after the first step). ``False``: nothing was written, the per-layer path stores them."""
         staged = [self._pending.get(id(layer)) for layer in self._layers]
-        keys = [(slot, micro, beta.shape[0]) for slot, micro, beta, _ in (staged[0] if staged else None) or ()]
-        if not keys or any(
-            not entries or [(slot, micro, beta.shape[0]) for slot, micro, beta, _ in entries] != keys
-            for entries in staged[1:]
-        ):
+        if not staged or not all(staged):
+            return False
+        keys = [(slot, micro, beta.shape[0]) for slot, micro, beta, _ in staged[0]]
+        if any([(slot, micro, beta.shape[0]) for slot, micro, beta, _ in entries] != keys for entries in staged[1:]):
             return False
         stacked = self._stacked_banks()
         if stacked is None:
