@@ -9,7 +9,7 @@ measured is the host's share of a step (what bounds a GPU step at the issue's si
 interleaved in one process, each timed by the main thread's CPU time: plain ``nn.Linear``, FNGD
 in the shared phase and FNGD in its first epoch, the latter two on FNGD's GPU code path (token
 Gram, Cholesky checked at ``step()``, no padding-token removal). Prints the median microseconds
-per layer of a forward+backward and the excess over plain. ``step()`` is not timed.
+per layer of a forward+backward, the excess over plain and the ratio to plain. ``step()`` is not timed.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def main(argv=None):
           f"one thread, median of {args.rounds} rounds | torch {torch.__version__}")
     for name, values in per_layer.items():
         median = statistics.median(values)
-        print(f"{name:18s} forward+backward {median:7.1f} us per layer  (+{median - base:6.1f} over plain)")
+        print(f"{name:18s} forward+backward {median:7.1f} us per layer  (+{median - base:6.1f} over plain, "
+              f"{median / base:.2f}x)")
 
 
 if __name__ == "__main__":
