@@ -37,8 +37,7 @@ class CapturedLayer:
     transposed: bool
     natural_gradient: NaturalGradientFn = field(repr=False)
     is_enabled: Callable[[], bool] = field(repr=False)
-    original_class: type = field(repr=False)
-    original_forward: Callable = field(repr=False)
+    original_class: type = field(repr=False)  # its forward computes the output
     index: int = 0  # position among the optimizer's managed layers
     micro_batches: int = 0  # backward passes through this layer since the last step()
     handle: "CaptureHandle | None" = field(default=None, repr=False)
@@ -60,7 +59,7 @@ class _NaturalGradientLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.layer = layer
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return layer.original_forward(layer.module, x)
+        return layer.original_class.forward(layer.module, x)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -103,10 +102,10 @@ def _capturing_forward(self, *args, **kwargs):
     # Zero overhead in evaluation and generation: nothing is captured or replaced. A call other than
     # layer(x) is left to the layer itself (it then gets its plain gradient, and step() says so).
     if len(args) != 1 or kwargs or not (self.training and torch.is_grad_enabled() and layer.is_enabled()):
-        return layer.original_forward(self, *args, **kwargs)
+        return layer.original_class.forward(self, *args, **kwargs)
     weight = self.weight
     if not weight.requires_grad:
-        return layer.original_forward(self, *args)
+        return layer.original_class.forward(self, *args)
     return _NaturalGradientLinear.apply(args[0], weight, self.bias if layer.has_bias else None, layer)
 
 
@@ -179,7 +178,6 @@ def attach(
         natural_gradient=natural_gradient,
         is_enabled=is_enabled,
         original_class=original_class,
-        original_forward=original_class.forward,
     )
     layer.params = tuple(layer_parameters(module))
     module.__dict__["_fngd_capture"] = layer
