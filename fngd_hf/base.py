@@ -315,7 +315,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._check_backward_counts()
         for index, layer in enumerate(self._layers):
             if layer.micro_batches == 0 and layer.name not in self._bypassed_warned and any(
-                p is not None and p.grad is not None for p in (layer.weight, layer.bias)
+                p.grad is not None for p in layer.params
             ):
                 # e.g. nn.MultiheadAttention calls F.linear on out_proj's weight: its forward never runs.
                 self._bypassed_warned.add(layer.name)
@@ -325,7 +325,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            factor = 1.0 if layer.micro_batches == self._accumulation else self._accumulation_correction(layer, group)
+            factor = self._accumulation_correction(layer, group)
             for p in layer.params:
                 if p.grad is not None:
                     params.append(p)

@@ -96,16 +96,16 @@ class _NaturalGradientLinear(torch.autograd.Function):
 
 
 def _capturing_forward(self, *args, **kwargs):
-    layer: CapturedLayer | None = self.__dict__.get("_fngd_capture")
-    if layer is None:  # made from the captured class itself (``type(layer)(...)``): a plain layer
-        return self._fngd_original_class.forward(self, *args, **kwargs)
+    layer: CapturedLayer | None = self.__dict__.get("_fngd_capture")  # None: made as type(layer)(...)
     # Zero overhead in evaluation and generation: nothing is captured or replaced. A call other than
     # layer(x) is left to the layer itself (it then gets its plain gradient, and step() says so).
-    if len(args) != 1 or kwargs or not (self.training and torch.is_grad_enabled() and layer.is_enabled()):
-        return layer.original_class.forward(self, *args, **kwargs)
+    if layer is None or len(args) != 1 or kwargs or not (
+        self.training and torch.is_grad_enabled() and layer.is_enabled()
+    ):
+        return self._fngd_original_class.forward(self, *args, **kwargs)
     weight = self.weight
     if not weight.requires_grad:
-        return layer.original_class.forward(self, *args)
+        return self._fngd_original_class.forward(self, *args)
     return _NaturalGradientLinear.apply(args[0], weight, self.bias if layer.has_bias else None, layer)
 
 
