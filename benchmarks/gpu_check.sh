@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 status=0
 timeout 240 "$py" -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$out/test_cuda.log" || status=1
-methods=adamw,fngd_first,fngd_first_checked,fngd_shared,ngd
+methods=adamw,fngd_first,fngd_first_unbatched,fngd_first_checked,fngd_shared,ngd
 for dtype in float32 bf16; do
     timeout 300 "$py" benchmarks/step_time.py --preset paper --device cuda --dtype "$dtype" --steps 25 --warmup 5 \
         --methods "$methods" --out "$out/step_time_gpu_$dtype.json" 2>&1 | tee "$out/step_time_$dtype.log" || status=1

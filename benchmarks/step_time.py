@@ -26,7 +26,8 @@ Methods (``--methods``, comma separated):
 * ``ngd``: FNGD with ``share_coefficients=False`` (fresh coefficients at every step);
 * variants (not in the default list): ``fngd_first_token`` / ``fngd_first_ps`` (``gram_path``
   forced), ``fngd_first_checked`` (``solve_check="per_layer"``: a host sync per layer, the GPU
-  default before the check moved to ``step()``); the other methods of the package: ``cwngd_first`` / ``cwngd_shared``, ``kfac`` (factors
+  default before the check moved to ``step()``), ``fngd_first_batched`` / ``fngd_first_unbatched``
+  (``batch_layers`` forced on / off; ``"auto"`` batches on GPUs); the other methods of the package: ``cwngd_first`` / ``cwngd_shared``, ``kfac`` (factors
   every step, inverses every 10), ``sngd`` (refresh every 10), ``shampoo`` (pytorch-optimizer,
   preconditioners every 10 steps). K-FAC/SNGD/Shampoo medians include their periodic refresh steps.
 
@@ -80,7 +81,7 @@ from fngd_hf.models import build_config, resolve_shape  # noqa: E402
 PAD, EOS = 0, 1
 MULTI30K_STEPS_PER_EPOCH = 29000 // 64 + 1  # 454: the bank size a real first epoch would have
 DEFAULT_METHODS = "adamw,sgd,fngd_first,fngd_shared,ngd"
-VARIANTS = ("fngd_first_token", "fngd_first_ps", "fngd_first_checked", "cwngd_first", "cwngd_shared", "kfac", "sngd", "shampoo")
+VARIANTS = ("fngd_first_token", "fngd_first_ps", "fngd_first_checked", "fngd_first_batched", "fngd_first_unbatched", "cwngd_first", "cwngd_shared", "kfac", "sngd", "shampoo")
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -132,6 +133,9 @@ def make_optimizer(method, model, device, total_steps):
         return FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, gram_path="per_sample", **fngd_kwargs)
     if method == "fngd_first_checked":
         return FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, solve_check="per_layer", **fngd_kwargs)
+    if method in ("fngd_first_batched", "fngd_first_unbatched"):
+        batched = method == "fngd_first_batched"
+        return FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, batch_layers=batched, **fngd_kwargs)
     if method == "fngd_shared":
         return FNGD(model, share_coefficients=True, steps_per_epoch=2, **fngd_kwargs)
     if method == "ngd":
@@ -213,7 +217,7 @@ _FOREACH_ON_CPU = False  # set by emulate_gpu_code_path: AdamW and SGD as on a G
 
 def emulate_gpu_code_path():
     """Make FNGD take, on a CPU, the path it takes on a GPU: no padding-token removal, the token Gram,
-    Cholesky checked once per step, and (for every method) AdamW's and SGD's multi-tensor (foreach)
+    Cholesky checked once per step, the first epoch's layers batched at the end of backward, and (for every method) AdamW's and SGD's multi-tensor (foreach)
     update, torch's default on GPUs. Same numbers; used to count the operators (kernel launches on a
     GPU) a GPU step would make, and to time the host's share of it, on a machine without one.
     Process-wide: for this benchmark only."""
@@ -232,9 +236,17 @@ def emulate_gpu_code_path():
             self.solve_check = "per_step"
         return original_solve(self, gram, damping_b)
 
+    original_can_defer = FNGD._can_defer
+
+    def can_defer(self, layer, x):
+        if self.batch_layers == "auto":
+            self.batch_layers = True
+        return original_can_defer(self, layer, x)
+
     F.kept_tokens = lambda x, delta: None
     FNGD._gram_path = lambda self, x: "token" if self.gram_path == "auto" else self.gram_path
     FNGD._solve = solve
+    FNGD._can_defer = can_defer
 
 
 def count_ops(model, opt, batch, device, bf16):

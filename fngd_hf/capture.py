@@ -23,7 +23,8 @@ from torch import nn
 
 from .layers import is_transposed, layer_parameters
 
-# (layer, x of shape (B, T, i), delta of shape (B, T, o)) -> (d_weight, d_bias)
+# (layer, x of shape (B, T, i), delta of shape (B, T, o)) -> (d_weight, d_bias); (None, None): the optimizer
+# writes .grad itself at the end of the backward
 NaturalGradientFn = Callable[["CapturedLayer", torch.Tensor, torch.Tensor], tuple]
 
 
@@ -88,6 +89,8 @@ class _NaturalGradientLinear(torch.autograd.Function):
                 d_weight, d_bias = layer.natural_gradient(layer, x3, delta3)
         else:
             d_weight, d_bias = layer.natural_gradient(layer, x3, delta3)
+        if d_weight is None:  # deferred: the optimizer writes .grad when the backward ends
+            return grad_input, None, None, None
         if d_weight.dtype != weight.dtype:
             d_weight = d_weight.to(weight.dtype)
         if d_bias is not None and d_bias.dtype != ctx.bias_dtype:

@@ -24,6 +24,8 @@ class CWNGD(FNGD):
         opt = CWNGD(model, lr=1e-2, damping=0.1, steps_per_epoch=len(train_loader))
     """
 
+    _batchable = False  # one system per output unit: the per-layer path
+
     def _fresh_coefficients(
         self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float, group: dict, tokens=None
     ):

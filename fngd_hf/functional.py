@@ -111,6 +111,38 @@ def gram_matrix(
     raise ValueError(f"Unknown gram path {path!r}; expected 'auto', 'token' or 'per_sample'")
 
 
+def stacked_gram_matrices(x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: float) -> torch.Tensor:
+    """``K`` of ``L`` equally shaped layers at once: ``x`` (L, B, T, i), ``delta`` (L, B, T, o) -> (L, B, B).
+
+    :func:`gram_matrix`'s token path with a leading layer dimension: a handful of batched kernels
+    for all ``L`` layers instead of a handful per layer (kernel launches bound a GPU step).
+    """
+    layers, batch, length, in_features = x.shape
+    flat_x = x.reshape(layers, batch * length, in_features)
+    flat_delta = delta.reshape(layers, batch * length, delta.shape[-1])
+    if has_bias:  # x̂·x̂' = x·x' + 1, the 1 broadcast into the matmul
+        input_gram = torch.baddbmm(_constant(1.0, (), flat_x.dtype, flat_x.device), flat_x, flat_x.transpose(1, 2))
+    else:
+        input_gram = torch.bmm(flat_x, flat_x.transpose(1, 2))
+    # beta=0: baddbmm ignores its first argument; scale² rides on the delta Gram's matmul.
+    delta_gram = torch.baddbmm(input_gram, flat_delta, flat_delta.transpose(1, 2), beta=0, alpha=scale * scale)
+    return input_gram.mul_(delta_gram).view(layers, batch, length, batch, length).sum(dim=(2, 4))
+
+
+def stacked_weighted_gradients(
+    x: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor, has_bias: bool, transposed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`apply_sample_weights` for ``L`` layers at once: ``x`` (L, B, T, i), ``delta`` (L, B, T, o) and
+    ``weights`` (L, B) (``scale·β`` per layer, in ``delta``'s dtype) -> ``(dW (L, o, i) or (L, i, o), db (L, o))``."""
+    layers, batch, length, in_features = x.shape
+    weighted = (delta * weights[:, :, None, None]).reshape(layers, batch * length, delta.shape[-1])
+    flat_x = x.reshape(layers, batch * length, in_features)
+    if flat_x.dtype != weighted.dtype:  # autocast: as _weighted_sum
+        flat_x = flat_x.to(weighted.dtype)
+    d_weight = flat_x.transpose(1, 2) @ weighted if transposed else weighted.transpose(1, 2) @ flat_x
+    return d_weight, (weighted.sum(dim=1) if has_bias else None)
+
+
 def gram_trace(x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: float) -> torch.Tensor:
     """``trace(K) = Σ_n ‖g_n‖²`` from the per-sample token Gram blocks only (no ``B × B`` work)."""
     input_gram = x @ x.transpose(1, 2)

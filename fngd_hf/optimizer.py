@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -17,6 +18,24 @@ from .sample_sharing import SampleIndex
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+# Layers batched into one set of kernels at the end of backward: at most this many elements of
+# token Gram (L·N², twice) and stacked inputs and output gradients (L·N·(i + o)) at once.
+_BATCHED_MAX_ELEMENTS = 1 << 27
+
+
+@dataclass(eq=False)
+class _DeferredLayer:
+    """A layer's fresh-coefficient work, staged in its backward and done with its equals at the end."""
+
+    layer: CapturedLayer
+    x: torch.Tensor  # (B, T, i)
+    delta: torch.Tensor  # (B, T, o)
+    scale: float
+    micro: int
+    bank_slot: int | None
+    by_sample: bool
 
 
 class FNGD(LayerwiseOptimizer):
@@ -57,11 +76,19 @@ class FNGD(LayerwiseOptimizer):
     damping, off for fixed), ``scale_mode`` (``"shared"``: reuse ``β`` as stored;
     ``"refreshed"``: rescale it by ``tr(K_stored)/tr(K_new)``), ``clip_update_norm`` (global
     norm clip of the applied update ``lr·(momentum buffer)``), ``stat_dtype`` (float32 or
-    float64 for ``K`` and the solve), ``gram_path`` (``"auto"``, ``"token"``, ``"per_sample"``),
+    float64 for ``K`` and the solve; ``None``: float64 for a float64 model, float32 otherwise, also
+    under bf16 autocast), ``gram_path`` (``"auto"``, ``"token"``, ``"per_sample"``),
     ``share_by`` (``"position"`` or ``"sample"``), ``solve_check`` (``"per_layer"``: each Cholesky
     is checked as it happens, a host sync per layer, and retried with more damping if it fails;
     ``"per_step"``: checked once in ``step()``, and a failure skips that step and switches to
-    ``"per_layer"``; ``"auto"`` = per step on GPUs, per layer on CPUs).
+    ``"per_layer"``; ``"auto"`` = per step on GPUs, per layer on CPUs), ``batch_layers`` (``True``:
+    layers computing fresh coefficients keep their input and output gradient until the end of the
+    backward, where those of equal shape form their Gram matrices, solves and natural gradients
+    together, a few batched kernels instead of about 16 per layer; costs the memory of those
+    tensors until then. Only under ``loss.backward()`` in one process: ``torch.autograd.grad``,
+    ``create_graph``, ``torch.distributed`` (DDP's hooks need each gradient as it is made),
+    ``gram_path="per_sample"`` and CW-NGD keep the per-layer path. ``"auto"`` = on GPUs, where a
+    step is bound by kernel launches; off on CPUs, where the per-layer path drops padding tokens).
     """
 
     def __init__(
@@ -86,10 +113,11 @@ class FNGD(LayerwiseOptimizer):
         trust_ratio: float | str | None = "auto",
         scale_mode: str = "shared",
         clip_update_norm: float | None = None,
-        stat_dtype: torch.dtype = torch.float32,
+        stat_dtype: torch.dtype | None = None,
         gram_path: str = "auto",
         share_by: str = "position",
         solve_check: str = "auto",
+        batch_layers: bool | str = "auto",
     ):
         if not damping > 0.0:
             raise ValueError(f"Invalid damping: {damping} (must be > 0)")
@@ -103,14 +131,16 @@ class FNGD(LayerwiseOptimizer):
             trust_ratio = 1.0 if damping_mode == "relative" else None
         if scale_mode not in ("shared", "refreshed"):
             raise ValueError(f"Invalid scale_mode: {scale_mode!r} (expected 'shared' or 'refreshed')")
-        if stat_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"Invalid stat_dtype: {stat_dtype} (float32 or float64)")
+        if stat_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"Invalid stat_dtype: {stat_dtype} (torch.float32, torch.float64 or None)")
         if gram_path not in ("auto", "token", "per_sample"):
             raise ValueError(f"Invalid gram_path: {gram_path!r}")
         if share_by not in ("position", "sample"):
             raise ValueError(f"Invalid share_by: {share_by!r} (expected 'position' or 'sample')")
         if solve_check not in ("auto", "per_layer", "per_step"):
             raise ValueError(f"Invalid solve_check: {solve_check!r} (expected 'auto', 'per_layer' or 'per_step')")
+        if batch_layers not in ("auto", True, False):
+            raise ValueError(f"Invalid batch_layers: {batch_layers!r} (expected 'auto', True or False)")
         self.steps_per_epoch = steps_per_epoch  # validates before any layer is captured
         super().__init__(
             model,
@@ -134,6 +164,10 @@ class FNGD(LayerwiseOptimizer):
         self.gram_path = gram_path
         self.share_by = share_by
         self.solve_check = solve_check
+        self.batch_layers = batch_layers
+        self._deferred: list[_DeferredLayer] = []  # this backward's layers waiting for the batched maths
+        self._deferred_task: int | None = None  # the autograd graph task whose end runs them
+        self._grad_accumulators: dict[int, tuple] = {}  # per layer: (its params, their AccumulateGrad nodes)
         self._solve_check_fell_back = False  # a per-step check failed once: per-layer checks from then on
         self._sample_index = SampleIndex()
         self._next_sample_ids: list[int] | None = None  # from set_sample_ids, for the next micro-batch
@@ -252,8 +286,11 @@ class FNGD(LayerwiseOptimizer):
             if self.scale_mode == "refreshed":
                 new_trace = self._trace(layer, self._stats(x), self._stats(delta), scale)
                 # A layer with no gradient now has trace 0: keep beta finite, d = J·beta is 0 anyway.
-                beta = beta.to(self.stat_dtype) * (stored_trace.to(self.stat_dtype) / new_trace.clamp(min=1e-30))
+                beta = beta.to(new_trace.dtype) * (stored_trace.to(new_trace.dtype) / new_trace.clamp(min=1e-30))
             self._diag["shared"] += 1
+        elif self._can_defer(layer, x):
+            self._defer(_DeferredLayer(layer, x, delta, scale, micro, bank_slot, by_sample))
+            return None, None  # its .grad is written at the end of this backward
         else:
             # On CPUs the Gram (N² in the tokens) and d skip the tokens with zero output gradient
             # (padding): same numbers, 1.99x -> 1.52x AdamW's step (benchmarks/step_time.py). On GPUs
@@ -326,8 +363,107 @@ class FNGD(LayerwiseOptimizer):
         self._bank_stack = (self.state, layer_states, [s["coef_bank"] for s in layer_states], stacked)
         return stacked
 
+    # ------------------------------------------------ first epoch: layers batched at the end of backward
+    _batchable = True  # FNGD's (B,) coefficients from the token Gram (CW-NGD's per-unit systems are not)
+
+    def _can_defer(self, layer: CapturedLayer, x: torch.Tensor) -> bool:
+        mode = self.batch_layers
+        if mode is False or (mode == "auto" and not x.is_cuda):
+            return False
+        if not self._batchable or self.gram_path == "per_sample" or torch.is_grad_enabled() or _distributed():
+            return False
+        # Only a backward that accumulates into .grad: torch.autograd.grad(loss, params) must get d returned.
+        nodes = self._grad_accumulators.get(layer.index)
+        if nodes is None or nodes[0] is not layer.params:
+            nodes = (layer.params, tuple(torch.autograd.graph.get_gradient_edge(p).node for p in layer.params))
+            self._grad_accumulators[layer.index] = nodes  # held: the node stays the one graphs use
+        try:
+            return all(torch._C._will_engine_execute_node(node) for node in nodes[1])
+        except RuntimeError:  # torch refuses the question inside autograd.grad, which never writes .grad
+            return False
+
+    def _defer(self, entry: _DeferredLayer) -> None:
+        task = torch._C._current_graph_task_id()
+        if self._deferred and self._deferred_task != task:
+            # Left by a backward that raised before its end, or by an outer one while a nested backward
+            # runs (reentrant checkpointing): done now, as the plain backward would have done them.
+            self._flush_deferred()
+        if self._deferred_task != task:
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush_deferred)
+            self._deferred_task = task
+        self._deferred.append(entry)
+
+    def _flush_deferred(self) -> None:
+        """The staged layers' coefficients and ``.grad``, equally shaped layers together (a queued autograd
+        callback: runs when the backward's graph is done, before ``backward()`` returns)."""
+        entries, self._deferred, self._deferred_task = self._deferred, [], None
+        if not entries:
+            return
+        groups: dict[tuple, list[_DeferredLayer]] = {}
+        for entry in entries:
+            layer = entry.layer
+            key = (entry.x.shape, entry.delta.shape, entry.x.dtype, entry.delta.dtype, entry.x.device, entry.scale,
+                   layer.has_bias, layer.transposed, layer.weight.dtype)
+            groups.setdefault(key, []).append(entry)
+        device_type = entries[0].x.device.type
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+            for members in groups.values():
+                batch, tokens, in_features = members[0].x.shape
+                rows = batch * tokens
+                per_layer = 2 * rows * rows + rows * (in_features + members[0].delta.shape[-1])
+                size = max(1, _BATCHED_MAX_ELEMENTS // per_layer)
+                for start in range(0, len(members), size):
+                    self._batched_layer_gradients(members[start:start + size])
+
+    def _batched_layer_gradients(self, entries: list[_DeferredLayer]) -> None:
+        """:meth:`_fresh_coefficients`, the bank staging and the weighted gradient of equally shaped layers,
+        each step batched over them; the natural gradients go into ``.grad`` as autograd would put them."""
+        group = self.param_groups[0]
+        first = entries[0]
+        has_bias, batch = first.layer.has_bias, first.x.shape[0]
+        x = torch.stack([entry.x for entry in entries])
+        delta = torch.stack([entry.delta for entry in entries])
+        gram = F.stacked_gram_matrices(self._stats(x), self._stats(delta), has_bias, first.scale)
+        norm = torch.linalg.matrix_norm(gram)
+        damping_b = F.damping_times_batch(gram, group["damping"], group["damping_mode"], group["damping_floor"], norm)
+        beta, damping_b = self._solve(gram, damping_b)
+        self._note_finite(beta)
+        self._diag_staged.append((damping_b.sum(), norm.sum(), batch))  # summed: one entry for len(entries) layers
+        self._diag["fresh"] += len(entries)
+        if any(entry.by_sample or entry.bank_slot is not None for entry in entries):
+            stored_beta, diagonal = beta.float(), gram.diagonal(dim1=-2, dim2=-1).float()
+            traces = diagonal.sum(-1)
+            for index, entry in enumerate(entries):
+                if entry.by_sample:
+                    self._pending.setdefault(id(entry.layer), []).append(
+                        (None, entry.micro, stored_beta[index], diagonal[index]))
+                elif entry.bank_slot is not None:
+                    self._pending.setdefault(id(entry.layer), []).append(
+                        (entry.bank_slot, entry.micro, stored_beta[index], traces[index]))
+        weights = F.sample_weights(beta, float(batch), delta.dtype).view(len(entries), batch)
+        d_weight, d_bias = F.stacked_weighted_gradients(x, delta, weights, has_bias, first.layer.transposed)
+        weight_dtype = first.layer.weight.dtype
+        if d_weight.dtype != weight_dtype:
+            d_weight = d_weight.to(weight_dtype)
+        if d_bias is not None and d_bias.dtype != first.layer.bias.dtype:
+            d_bias = d_bias.to(first.layer.bias.dtype)
+        # As AccumulateGrad: a missing .grad becomes the new gradient (here a view of the batched
+        # result, no copy), an existing one is added to (gradient accumulation, a weight used twice).
+        targets, values = [], []
+        for index, entry in enumerate(entries):
+            for param, grad in zip(entry.layer.params, (d_weight[index], None if d_bias is None else d_bias[index])):
+                if param.grad is None:
+                    param.grad = grad
+                else:
+                    targets.append(param.grad)
+                    values.append(grad)
+        if targets:
+            torch._foreach_add_(targets, values)
+
     def _stats(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if tensor.dtype == self.stat_dtype else tensor.to(self.stat_dtype)
+        # None: a float64 model's statistics in float64 (its exactness is float64's), anything else in float32.
+        dtype = self.stat_dtype or (torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+        return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
     def _fresh_coefficients(
         self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float, group: dict, tokens=None
@@ -414,6 +550,7 @@ class FNGD(LayerwiseOptimizer):
     _float32_state_keys = ("coef_bank", "coef_size", "coef_trace", "coef_sample", "coef_sample_diag")
 
     def _discard_staged(self) -> None:
+        self._deferred, self._deferred_task = [], None  # a backward that raised before its end
         self._fold_diagnostics()
         self._shared_weights.clear()
         self._pending.clear()

@@ -49,7 +49,7 @@ DEFAULT_LEARNING_RATES = {
 }
 # Methods built on LayerwiseOptimizer: the trainer scales their loss and clips their update.
 LAYERWISE = ("fngd", "ngd", "cwngd", "kfac", "sngd")
-STAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+STAT_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 SGD_MOMENTUM = 0.9
 _RANK_BANK_FILE = "fngd_coefficients_rank{rank}.pt"
 
@@ -155,8 +155,11 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         },
     )
     fngd_stat_dtype: str = field(
-        default="float32",
-        metadata={"help": "dtype of the Gram matrix and the Cholesky solve.", "choices": list(STAT_DTYPES)},
+        default="auto",
+        metadata={
+            "help": "dtype of the Gram matrix and the Cholesky solve; auto: float64 for a float64 model, else float32.",
+            "choices": list(STAT_DTYPES),
+        },
     )
     fngd_adamw_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the AdamW part (default: learning_rate)."}
@@ -205,7 +208,7 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         if self.fngd_target_modules is not None and len(self.fngd_target_modules) == 0:
             raise ValueError("Invalid fngd_target_modules: an empty list (use None for the default choice)")
         if self.fngd_stat_dtype not in STAT_DTYPES:
-            raise ValueError(f"Invalid fngd_stat_dtype: {self.fngd_stat_dtype!r} (expected 'float32' or 'float64')")
+            raise ValueError(f"Invalid fngd_stat_dtype: {self.fngd_stat_dtype!r} (expected 'auto', 'float32' or 'float64')")
         if self.fngd_adamw_lr is not None and not self.fngd_adamw_lr > 0.0:
             raise ValueError(f"Invalid fngd_adamw_lr: {self.fngd_adamw_lr} (must be > 0, or None)")
 
@@ -214,7 +217,7 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         return self.optimizer in ("fngd", "ngd")
 
     @property
-    def fngd_dtype(self) -> torch.dtype:
+    def fngd_dtype(self) -> torch.dtype | None:
         return STAT_DTYPES[self.fngd_stat_dtype]
 
 
@@ -286,7 +289,8 @@ class FNGDTrainer(Seq2SeqTrainer):
       clipping (and the logged ``grad_norm``) covers only the ordinary gradients of the AdamW part
       (embeddings, LayerNorms, heads). ``"fngd/direction_norm"`` logs the norm of ``d`` as the
       backward wrote it.
-    * **Precision.** bf16 autocast works; FNGD's statistics stay in ``fngd_stat_dtype``. fp16
+    * **Precision.** bf16 autocast works; FNGD's statistics stay in ``fngd_stat_dtype`` (``auto``: float32,
+      float64 for a float64 model). fp16
       (GradScaler) raises a ``ValueError`` at argument/trainer construction.
     * **Logging.** Each training log record gets ``optimizer.diagnostics()`` (means since the last
       log; entries that are NaN because nothing was computed, e.g. damping in the shared phase, are

@@ -92,3 +92,15 @@ def test_bf16_autocast_keeps_statistics_in_float32():
     banks = [opt.state[layer.weight]["coef_bank"] for layer in opt._layers]
     assert banks and all(bank.dtype == torch.float32 and bank.is_cuda for bank in banks)
     assert losses[-1] < losses[0]
+
+
+def test_first_epoch_layers_are_batched_on_gpu_by_default():
+    """batch_layers="auto": on a GPU the first epoch's equally shaped layers share their kernels."""
+    model = ref.tiny_seq2seq("marian", seed=0).to("cuda")
+    opt = FNGD(model, lr=1e-2, damping=0.1, steps_per_epoch=2)
+    batched = []
+    original = opt._batched_layer_gradients
+    opt._batched_layer_gradients = lambda entries: (batched.append(len(entries)), original(entries))[1]
+    ref.seq2seq_loss(model, to_device(ref.seq2seq_batch(4, 0), "cuda")).backward()
+    assert sum(batched) == len(opt.managed_modules) and len(batched) < len(opt.managed_modules)
+    assert all(m.weight.grad is not None for m in opt.managed_modules.values())

@@ -693,11 +693,17 @@ def test_adamw_no_decay_rejects_unknown_names_and_strings():
         FNGD(tiny_bart(), adamw_weight_decay=0.1, adamw_no_decay="bias")
 
 
-def test_torch_compile_gives_the_same_steps():
+@pytest.mark.parametrize("batch_layers", [False, True])
+def test_torch_compile_gives_the_same_steps(batch_layers):
     """``torch.compile(model)`` (as with the Trainer's ``torch_compile=True``): the hooks still capture,
-    in the first epoch and the shared phase, and the steps equal the eager ones."""
+    in the first epoch and the shared phase, and the steps equal the eager ones (also with the first
+    epoch's layers batched at the end of backward, the GPU default)."""
     eager, compiled = make_mlp(), make_mlp()
-    eager_opt, compiled_opt = FNGD(eager, lr=0.01, steps_per_epoch=2), FNGD(compiled, lr=0.01, steps_per_epoch=2)
+    eager_opt = FNGD(eager, lr=0.01, steps_per_epoch=2)
+    compiled_opt = FNGD(compiled, lr=0.01, steps_per_epoch=2, batch_layers=batch_layers)
+    batched = []
+    original = compiled_opt._batched_layer_gradients
+    compiled_opt._batched_layer_gradients = lambda entries: (batched.append(len(entries)), original(entries))[1]
     forward = torch.compile(compiled, backend="aot_eager")
     try:
         for seed in range(4):
@@ -709,6 +715,7 @@ def test_torch_compile_gives_the_same_steps():
     finally:
         torch._dynamo.reset()
     assert compiled_opt.diagnostics()["fngd/fresh_fraction"] == 0.5  # 2 of 4 steps formed K
+    assert sum(batched) == (2 * 2 if batch_layers else 0)  # 2 layers in each of the first epoch's 2 steps
     assert compiled_opt.skipped_steps == 0
     for p, q, p0 in zip(compiled.parameters(), eager.parameters(), make_mlp().parameters()):
         torch.testing.assert_close(p, q)

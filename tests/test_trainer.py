@@ -369,16 +369,25 @@ def test_max_grad_norm_clips_the_applied_fngd_update_and_the_adamw_gradients(tmp
 
 
 # ------------------------------------------------------------------------------- precision
-def test_bf16_autocast_on_cpu_trains(tmp_path):
+def test_bf16_autocast_on_cpu_trains(tmp_path, monkeypatch):
     args = make_args(tmp_path, bf16=True, max_steps=24, logging_steps=4, lr_scheduler_type="constant")
     model = tiny_bart()
     dtypes = set()
     model.model.encoder.layers[0].fc1.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
     trainer = FNGDTrainer(model=model, args=args, train_dataset=CopyTask(64))
+    gram_dtypes = set()
+    original_gram = functional.gram_matrix
+
+    def gram_matrix(x, delta, *rest, **kwargs):
+        gram_dtypes.update((x.dtype, delta.dtype))
+        return original_gram(x, delta, *rest, **kwargs)
+
+    monkeypatch.setattr(functional, "gram_matrix", gram_matrix)
     trainer.train()
     assert dtypes == {torch.bfloat16}  # autocast really ran the Linear layers in bf16
     opt = trainer.fngd_optimizer
-    assert opt.stat_dtype == torch.float32 and opt.skipped_steps == 0
+    assert opt.stat_dtype is None and gram_dtypes == {torch.float32}  # "auto": float32 statistics
+    assert opt.skipped_steps == 0
     values = losses(trainer)
     assert all(math.isfinite(v) for v in values)
     assert values[-1] < values[0] - 0.1

@@ -1,0 +1,284 @@
+"""batch_layers=True: the first epoch's per-layer maths deferred to the end of backward and batched
+over equally shaped layers. Same numbers as the per-layer path (and the dense reference); every case
+that cannot defer (torch.autograd.grad, create_graph, DDP, CW-NGD) takes the per-layer path."""
+
+import pytest
+import torch
+
+import reference as ref
+import test_exactness as ex
+from fngd_hf import CWNGD, FNGD
+from fngd_hf import optimizer as optimizer_module
+
+
+def spy_batches(opt):
+    """Record the number of layers of every batched call (the test can tell that batching happened)."""
+    calls = []
+    original = opt._batched_layer_gradients
+
+    def spy(entries):
+        calls.append(len(entries))
+        return original(entries)
+
+    opt._batched_layer_gradients = spy
+    return calls
+
+
+@pytest.mark.parametrize(
+    "kind, mode, solve_check",
+    [("mlp", "fixed", "per_layer"), ("mlp_nobias", "relative", "per_step"), ("bart", "relative", "per_step"),
+     ("marian", "fixed", "per_layer"), ("t5", "relative", "per_layer")],
+)
+def test_batched_step_moves_by_dense_natural_gradient(kind, mode, solve_check):
+    build = ex.builder(kind)
+    model = build()
+    reference_model = ref.clone_model(model, build)
+    opt = ex.make_fngd(kind, model, mode, batch_layers=True, solve_check=solve_check)
+    calls = spy_batches(opt)
+    batch = ex.make_batch(kind, seed=1)
+    expected = ex.dense_directions(kind, reference_model, batch, opt, mode)
+    before = ex.snapshot(opt)
+    ex.batch_loss(kind, model, batch).backward()
+    # Every layer went through a batched call, and equally shaped layers shared one.
+    assert sum(calls) == len(opt.managed_modules) and not opt._deferred
+    if not ex.is_mlp(kind):
+        assert len(calls) < len(opt.managed_modules)
+    opt.step()
+    assert opt.skipped_steps == 0
+    ex.assert_moves(opt, before, expected)
+
+
+def test_batched_accumulation_is_average_of_micro_batch_natural_gradients():
+    kind, mode = "bart", "relative"
+    build = ex.builder(kind)
+    model = build()
+    reference_model = ref.clone_model(model, build)
+    opt = ex.make_fngd(kind, model, mode, gradient_accumulation_steps=2, batch_layers=True)
+    calls = spy_batches(opt)
+    halves = [ex.make_batch(kind, seed, batch=3) for seed in (3, 4)]
+    per_half = [
+        ex.dense_directions(kind, reference_model, half, opt, mode, multiplier=6, loss_scale=0.5) for half in halves
+    ]
+    expected = {name: (per_half[0][name] + per_half[1][name]) / 2 for name in per_half[0]}
+    before = ex.snapshot(opt)
+    for half in halves:
+        (ex.batch_loss(kind, model, half) / 2).backward()
+    assert sum(calls) == 2 * len(opt.managed_modules)  # the second backward added to the first's .grad
+    opt.step()
+    ex.assert_moves(opt, before, expected)
+
+
+def run_steps(kind, batch_layers, steps=7, **options):
+    """Relative damping, momentum, trust region; sharing with a 3-step epoch; two micro-batches a step;
+    step 4 has a batch of another size (fresh coefficients, not banked)."""
+    model = ref.tiny_seq2seq(kind, seed=0)
+    kwargs = dict(lr=1e-3, damping=0.05, steps_per_epoch=3, gradient_accumulation_steps=2, stat_dtype=torch.float64)
+    kwargs.update(options)
+    opt = FNGD(model, batch_layers=batch_layers, **kwargs)
+    calls = spy_batches(opt)
+    for step in range(steps):
+        for micro in range(2):
+            if kwargs.get("share_by") == "sample":
+                opt.set_sample_ids([10 * (step % 3) + micro * 5 + n for n in range(4 if step != 4 else 3)])
+            (ref.seq2seq_loss(model, ref.seq2seq_batch(4 if step != 4 else 3, 2 * (step % 3) + micro)) / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt, calls
+
+
+def assert_same_blocks(model, other, opt, rtol=1e-9):
+    """Each managed block [W|b] and every other parameter agree (a block, not a bias alone: the key
+    projections' bias gradient is exactly zero in exact arithmetic, so its float64 values are rounding)."""
+    params, others = dict(model.named_parameters()), dict(other.named_parameters())
+    managed = set()
+    for name, module in opt.managed_modules.items():
+        keys = [f"{name}.weight"] + ([f"{name}.bias"] if module.bias is not None else [])
+        managed.update(keys)
+        mine = torch.cat([params[k].detach().reshape(-1) for k in keys])
+        theirs = torch.cat([others[k].detach().reshape(-1) for k in keys])
+        assert float((mine - theirs).norm() / theirs.norm()) < rtol, name
+    for name, param in params.items():
+        if name not in managed:
+            torch.testing.assert_close(param, others[name], rtol=rtol, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("share_by", ["position", "sample"])
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_batched_training_equals_the_per_layer_path(kind, share_by):
+    """Steps, coefficient bank and diagnostics agree over a first epoch, its shared reuse, an odd batch."""
+    (plain, plain_opt, plain_calls), (batched, batched_opt, calls) = (
+        run_steps(kind, flag, share_by=share_by) for flag in (False, True)
+    )
+    # Fresh: the first epoch's 3 steps of 2 micro-batches, and by position step 4's odd-sized batch (by
+    # sample its samples were all seen at step 1).
+    fresh_micro_batches = 3 * 2 + (2 if share_by == "position" else 0)
+    assert not plain_calls and sum(calls) == fresh_micro_batches * len(batched_opt.managed_modules)
+    assert_same_blocks(batched, plain, batched_opt)
+    keys = ("coef_bank", "coef_trace") if share_by == "position" else ("coef_sample", "coef_sample_diag")
+    for name, module in batched_opt.managed_modules.items():
+        mine, theirs = batched_opt.state[module.weight], plain_opt.state[plain.get_submodule(name).weight]
+        for key in keys:
+            assert mine[key].dtype == torch.float32
+            torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-30, msg=f"{name} {key}")
+    mine, theirs = batched_opt.diagnostics(), plain_opt.diagnostics()
+    assert mine["fngd/fresh_fraction"] == theirs["fngd/fresh_fraction"] < 1
+    for key in ("fngd/damping", "fngd/gram_norm", "fngd/trust_clipped"):
+        assert mine[key] == pytest.approx(theirs[key], rel=1e-6), key
+
+
+def test_layers_are_batched_in_chunks_under_a_memory_budget(monkeypatch):
+    whole, whole_opt, whole_calls = run_steps("bart", True, steps=4)
+    monkeypatch.setattr(optimizer_module, "_BATCHED_MAX_ELEMENTS", 1)  # room for one layer at a time
+    chunked, _, calls = run_steps("bart", True, steps=4)
+    assert max(whole_calls) > 1 and set(calls) == {1} and sum(calls) == sum(whole_calls)
+    assert_same_blocks(chunked, whole, whole_opt, rtol=1e-12)
+
+
+def test_autograd_grad_and_create_graph_take_the_per_layer_path():
+    """torch.autograd.grad returns d for the weights (nothing is written to .grad), and a create_graph
+    backward is not deferred; both give what the per-layer optimizer gives."""
+    batch = ref.seq2seq_batch(4, 0)
+    results = {}
+    for flag in (False, True):
+        model = ref.tiny_seq2seq("marian", seed=0)
+        opt = FNGD(model, lr=1e-3, share_coefficients=False, stat_dtype=torch.float64, batch_layers=flag)
+        calls = spy_batches(opt)
+        weights = [m.weight for m in opt.managed_modules.values()]
+        grads = torch.autograd.grad(ref.seq2seq_loss(model, batch), weights)
+        assert all(w.grad is None for w in weights) and not calls and not opt._deferred
+        opt.zero_grad()
+        ref.seq2seq_loss(model, batch).backward(create_graph=True)
+        assert not calls
+        results[flag] = grads, [w.grad.detach().clone() for w in weights]
+        opt.zero_grad()
+    for mine, theirs in zip(results[True], results[False]):
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-20)
+
+
+def test_not_deferred_under_ddp_for_cwngd_or_a_forced_per_sample_gram(monkeypatch):
+    batch = ref.seq2seq_batch(4, 0)
+    for make in (lambda m: CWNGD(m, share_coefficients=False, batch_layers=True),
+                 lambda m: FNGD(m, share_coefficients=False, batch_layers=True, gram_path="per_sample")):
+        model = ref.tiny_seq2seq("bart", seed=0)
+        opt = make(model)
+        calls = spy_batches(opt)
+        ref.seq2seq_loss(model, batch).backward()
+        assert not calls and all(m.weight.grad is not None for m in opt.managed_modules.values())
+    monkeypatch.setattr(optimizer_module, "_distributed", lambda: True)
+    model = ref.tiny_seq2seq("bart", seed=0)
+    opt = FNGD(model, share_coefficients=False, batch_layers=True)
+    calls = spy_batches(opt)
+    ref.seq2seq_loss(model, batch).backward()
+    assert not calls and all(m.weight.grad is not None for m in opt.managed_modules.values())
+
+
+def test_auto_batches_on_gpus_only():
+    model = ref.tiny_seq2seq("bart", seed=0)
+    opt = FNGD(model, share_coefficients=False)
+    assert opt.batch_layers == "auto"
+    calls = spy_batches(opt)
+    ref.seq2seq_loss(model, ref.seq2seq_batch(4, 0)).backward()
+    assert not calls  # a CPU tensor: the per-layer path (it drops padding tokens there)
+    with pytest.raises(ValueError, match="batch_layers"):
+        FNGD(model, batch_layers="yes")
+
+
+def test_a_backward_that_raises_loses_nothing_and_leaves_nothing_behind():
+    """Layers staged by a backward that raised are done by the next backward (as the plain backward
+    would have written their gradients already), and zero_grad() forgets them."""
+    batch = ref.seq2seq_batch(4, 0)
+    finals = []
+    for flag in (False, True):
+        model = ref.tiny_seq2seq("bart", seed=0)
+        opt = FNGD(model, lr=1e-3, share_coefficients=False, momentum=0.0, stat_dtype=torch.float64, batch_layers=flag)
+
+        def failing_loss():
+            embeddings = model.get_encoder().embed_tokens  # its backward is the last one
+            handle = embeddings.register_forward_hook(
+                lambda module, args, out: [out.register_hook(lambda grad: (_ for _ in ()).throw(RuntimeError("boom")))][:0] or None)
+            try:
+                return ref.seq2seq_loss(model, batch)
+            finally:
+                handle.remove()
+
+        with pytest.raises(RuntimeError, match="boom"):
+            failing_loss().backward()  # every managed layer's backward ran; the embedding's hook raised
+        assert bool(opt._deferred) == flag
+        ref.seq2seq_loss(model, batch).backward()  # also writes what the failed backward staged
+        assert not opt._deferred
+        grads = [m.weight.grad.clone() for m in opt.managed_modules.values()]
+        opt.zero_grad()
+        with pytest.raises(RuntimeError, match="boom"):
+            failing_loss().backward()
+        opt.zero_grad()  # forgets the staged layers: the next step is the next backward's alone
+        assert not opt._deferred
+        ref.seq2seq_loss(model, batch).backward()
+        opt.step()
+        finals.append((grads, model, opt))
+    (plain_grads, plain, plain_opt), (batched_grads, batched, _) = finals
+    for a, b in zip(batched_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-20)
+    assert_same_blocks(batched, plain, plain_opt)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_batched_with_gradient_checkpointing_gives_the_same_steps(use_reentrant):
+    runs = []
+    for checkpointed in (False, True):
+        model = ref.tiny_seq2seq("marian", seed=0)
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.train()
+        opt = FNGD(model, lr=1e-2, damping=0.1, steps_per_epoch=1, stat_dtype=torch.float64, batch_layers=True)
+        calls = spy_batches(opt)
+        for step in range(3):
+            ref.seq2seq_loss(model, ref.seq2seq_batch(4, step)).backward()
+            opt.step()
+            opt.zero_grad()
+        assert sum(calls) == len(opt.managed_modules) and opt.skipped_steps == 0
+        runs.append((model, opt))
+    (plain, plain_opt), (checkpointed, _) = runs
+    assert_same_blocks(checkpointed, plain, plain_opt)
+
+
+def test_batched_non_finite_gradient_skips_the_step_and_keeps_state():
+    model = ref.tiny_seq2seq("bart", seed=0)
+    opt = FNGD(model, lr=1e-3, steps_per_epoch=2, batch_layers=True)
+    batch = ref.seq2seq_batch(4, 0)
+    ref.seq2seq_loss(model, batch).backward()
+    opt.step()
+    opt.zero_grad()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bank = {name: opt.state[m.weight]["coef_bank"].clone() for name, m in opt.managed_modules.items()}
+    fc1 = model.get_submodule("model.encoder.layers.0.fc1")
+    poison = fc1.register_forward_hook(lambda module, args, out: [out.register_hook(lambda g: g * float("nan"))][:0] or None)
+    ref.seq2seq_loss(model, ref.seq2seq_batch(4, 1)).backward()
+    poison.remove()
+    with pytest.warns(RuntimeWarning, match="skipped step"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    for name, m in opt.managed_modules.items():
+        assert torch.equal(opt.state[m.weight]["coef_bank"], bank[name]), name
+    opt.zero_grad()
+    ref.seq2seq_loss(model, ref.seq2seq_batch(4, 1)).backward()  # training goes on
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert not torch.equal(fc1.weight, before["model.encoder.layers.0.fc1.weight"])
+
+
+def test_batched_bf16_autocast_keeps_float32_statistics_and_gradients():
+    batch = ref.seq2seq_batch(4, 0)
+    grads = {}
+    for flag in (False, True):
+        model = ref.tiny_seq2seq("bart", seed=0).float()
+        opt = FNGD(model, lr=1e-3, share_coefficients=False, batch_layers=flag)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ref.seq2seq_loss(model, batch)
+        loss.backward()
+        grads[flag] = [m.weight.grad for m in opt.managed_modules.values()]
+    for a, b in zip(grads[True], grads[False]):
+        assert a.dtype == torch.float32
+        assert float((a - b).norm() / b.norm()) < 2e-2
