@@ -113,6 +113,13 @@ def _capturing_forward(self, *args, **kwargs):
         self.training and torch.is_grad_enabled() and layer.is_enabled()
     ):
         return self._fngd_original_class.forward(self, *args, **kwargs)
+    if self is not layer.module:
+        # Only nn.DataParallel's replicas share the layer's __dict__ (copies and pickles are plain layers).
+        raise RuntimeError(
+            f"{layer.name}: fngd_hf's layer-wise optimizers do not support torch.nn.DataParallel (the Trainer "
+            "uses it for several GPUs in one process). Run one process per GPU instead: `accelerate launch` or "
+            "`torchrun --nproc_per_node=N`, which the Trainer wraps in DistributedDataParallel."
+        )
     weight = self.weight
     if not weight.requires_grad:
         return self._fngd_original_class.forward(self, *args)

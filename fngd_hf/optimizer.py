@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -165,8 +166,9 @@ class FNGD(LayerwiseOptimizer):
         self.share_by = share_by
         self.solve_check = solve_check
         self.batch_layers = batch_layers
-        self._deferred: list[_DeferredLayer] = []  # this backward's layers waiting for the batched maths
-        self._deferred_task: int | None = None  # the autograd graph task whose end runs them
+        # Layers waiting for the batched maths, per autograd graph task (a backward; a reentrant
+        # checkpoint's backward runs inside another): each task's end runs its own.
+        self._deferred: dict[int, list[_DeferredLayer]] = {}
         self._grad_accumulators: dict[int, tuple] = {}  # per layer: (its params, their AccumulateGrad nodes)
         self._solve_check_fell_back = False  # a per-step check failed once: per-layer checks from then on
         self._sample_index = SampleIndex()
@@ -370,8 +372,15 @@ class FNGD(LayerwiseOptimizer):
         mode = self.batch_layers
         if mode is False or (mode == "auto" and not x.is_cuda):
             return False
-        if not self._batchable or self.gram_path == "per_sample" or torch.is_grad_enabled() or _distributed():
+        # Any process group, even of one process: DDP's reducer writes .grad from its buckets at the end.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
             return False
+        if not self._batchable or self.gram_path == "per_sample" or torch.is_grad_enabled():
+            return False
+        for param in layer.params:
+            # A frozen parameter, or hooks that expect their gradient as autograd makes it.
+            if not param.requires_grad or param._backward_hooks or param._post_accumulate_grad_hooks:
+                return False
         # Only a backward that accumulates into .grad: torch.autograd.grad(loss, params) must get d returned.
         nodes = self._grad_accumulators.get(layer.index)
         if nodes is None or nodes[0] is not layer.params:
@@ -384,26 +393,25 @@ class FNGD(LayerwiseOptimizer):
 
     def _defer(self, entry: _DeferredLayer) -> None:
         task = torch._C._current_graph_task_id()
-        if self._deferred and self._deferred_task != task:
-            # Left by a backward that raised before its end, or by an outer one while a nested backward
-            # runs (reentrant checkpointing): done now, as the plain backward would have done them.
-            self._flush_deferred()
-        if self._deferred_task != task:
-            torch.autograd.Variable._execution_engine.queue_callback(self._flush_deferred)
-            self._deferred_task = task
-        self._deferred.append(entry)
+        entries = self._deferred.get(task)
+        if entries is None:
+            # A backward that raises never runs its callback: its layers stay here, unapplied (as if
+            # that backward had not happened), until step() or zero_grad() forgets them.
+            entries = self._deferred[task] = []
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._flush_deferred, task))
+        entries.append(entry)
 
-    def _flush_deferred(self) -> None:
+    def _flush_deferred(self, task: int) -> None:
         """The staged layers' coefficients and ``.grad``, equally shaped layers together (a queued autograd
         callback: runs when the backward's graph is done, before ``backward()`` returns)."""
-        entries, self._deferred, self._deferred_task = self._deferred, [], None
+        entries = self._deferred.pop(task, None)
         if not entries:
             return
         groups: dict[tuple, list[_DeferredLayer]] = {}
         for entry in entries:
             layer = entry.layer
             key = (entry.x.shape, entry.delta.shape, entry.x.dtype, entry.delta.dtype, entry.x.device, entry.scale,
-                   layer.has_bias, layer.transposed, layer.weight.dtype)
+                   layer.has_bias, layer.transposed, layer.weight.dtype, layer.has_bias and layer.bias.dtype)
             groups.setdefault(key, []).append(entry)
         device_type = entries[0].x.device.type
         with torch.no_grad(), torch.autocast(device_type, enabled=False):
@@ -550,7 +558,7 @@ class FNGD(LayerwiseOptimizer):
     _float32_state_keys = ("coef_bank", "coef_size", "coef_trace", "coef_sample", "coef_sample_diag")
 
     def _discard_staged(self) -> None:
-        self._deferred, self._deferred_task = [], None  # a backward that raised before its end
+        self._deferred.clear()  # layers of a backward that raised before its end
         self._fold_diagnostics()
         self._shared_weights.clear()
         self._pending.clear()
