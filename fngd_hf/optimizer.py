@@ -86,9 +86,10 @@ class FNGD(LayerwiseOptimizer):
     layers computing fresh coefficients keep their input and output gradient until the end of the
     backward, where those of equal shape form their Gram matrices, solves and natural gradients
     together, a few batched kernels instead of about 16 per layer; costs the memory of those
-    tensors until then. Only under ``loss.backward()`` in one process: ``torch.autograd.grad``,
-    ``create_graph``, ``torch.distributed`` (DDP's hooks need each gradient as it is made),
-    ``gram_path="per_sample"`` and CW-NGD keep the per-layer path. ``"auto"`` = on GPUs, where a
+    tensors until then. Only under ``loss.backward()`` without a process group: ``torch.autograd.grad``,
+    ``create_graph``, ``torch.distributed`` (DDP needs each gradient as it is made), parameters with
+    gradient hooks, ``gram_path="per_sample"`` and CW-NGD keep the per-layer path; a backward that
+    raises leaves its staged layers unapplied. ``"auto"`` = on GPUs, where a
     step is bound by kernel launches; off on CPUs, where the per-layer path drops padding tokens).
     """
 
