@@ -275,26 +275,6 @@ def test_data_parallel_replicas_are_refused_with_a_clear_error():
         replica(torch.randn(2, 3, layer.in_features, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_batched_with_gradient_checkpointing_gives_the_same_steps(use_reentrant):
-    runs = []
-    for checkpointed in (False, True):
-        model = ref.tiny_seq2seq("marian", seed=0)
-        if checkpointed:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-        model.train()
-        opt = FNGD(model, lr=1e-2, damping=0.1, steps_per_epoch=1, stat_dtype=torch.float64, batch_layers=True)
-        calls = spy_batches(opt)
-        for step in range(3):
-            ref.seq2seq_loss(model, ref.seq2seq_batch(4, step)).backward()
-            opt.step()
-            opt.zero_grad()
-        assert sum(calls) == len(opt.managed_modules) and opt.skipped_steps == 0
-        runs.append((model, opt))
-    (plain, plain_opt), (checkpointed, _) = runs
-    assert_same_blocks(checkpointed, plain, plain_opt)
-
-
 def test_batched_non_finite_gradient_skips_the_step_and_keeps_state():
     model = ref.tiny_seq2seq("bart", seed=0)
     opt = FNGD(model, lr=1e-3, steps_per_epoch=2, batch_layers=True)

@@ -469,12 +469,14 @@ def test_sharing_by_sample_needs_ids_for_every_micro_batch():
         make_fngd("mlp", model, "fixed", share_by="batch")
 
 
+@pytest.mark.parametrize("batch_layers", [False, True])
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing_gives_the_same_steps(use_reentrant):
+def test_gradient_checkpointing_gives_the_same_steps(use_reentrant, batch_layers):
     """Recomputed forwards (HF gradient checkpointing) capture once per backward, as without it.
 
-    Reentrant: the first forward runs without grad (no capture) and the recompute captures.
-    Non-reentrant: the first forward captures and the recompute only refills saved tensors.
+    Reentrant: the first forward runs without grad (no capture) and the recompute captures (inside a
+    nested backward, whose end runs the layers batched there). Non-reentrant: the first forward
+    captures and the recompute only refills saved tensors.
     """
     runs = []
     for checkpointed in (False, True):
@@ -482,11 +484,16 @@ def test_gradient_checkpointing_gives_the_same_steps(use_reentrant):
         if checkpointed:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
         model.train()
-        opt = FNGD(model, lr=1e-2, damping=0.1, steps_per_epoch=1, momentum=0.9, stat_dtype=torch.float64)
+        opt = FNGD(model, lr=1e-2, damping=0.1, steps_per_epoch=1, momentum=0.9, stat_dtype=torch.float64,
+                   batch_layers=batch_layers)
+        batched = []
+        original = opt._batched_layer_gradients
+        opt._batched_layer_gradients = lambda entries: (batched.append(len(entries)), original(entries))[1]
         for step in range(3):  # step 0 computes coefficients, steps 1-2 reuse them
             ref.seq2seq_loss(model, ref.seq2seq_batch(4, step)).backward()
             opt.step()
             opt.zero_grad()
+        assert sum(batched) == (len(opt.managed_modules) if batch_layers else 0)
         runs.append((model, opt))
     (plain, plain_opt), (checkpointed, checkpointed_opt) = runs
     assert checkpointed_opt.skipped_steps == 0
