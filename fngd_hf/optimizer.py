@@ -459,8 +459,9 @@ class FNGD(LayerwiseOptimizer):
         # As AccumulateGrad: a missing .grad becomes the new gradient (here a view of the batched
         # result, no copy), an existing one is added to (gradient accumulation, a weight used twice).
         targets, values = [], []
-        for index, entry in enumerate(entries):
-            for param, grad in zip(entry.layer.params, (d_weight[index], None if d_bias is None else d_bias[index])):
+        bias_grads = (None,) * len(entries) if d_bias is None else d_bias.unbind(0)
+        for entry, weight_grad, bias_grad in zip(entries, d_weight.unbind(0), bias_grads):
+            for param, grad in zip(entry.layer.params, (weight_grad, bias_grad)):
                 if param.grad is None:
                     param.grad = grad
                 else:
