@@ -24,6 +24,9 @@ def _distributed() -> bool:
 # Layers batched into one set of kernels at the end of backward: at most this many elements of
 # token Gram (L·N², twice) and stacked inputs and output gradients (L·N·(i + o)) at once.
 _BATCHED_MAX_ELEMENTS = 1 << 27
+# Inputs and output gradients a backward holds for the batched maths before it does the layers held
+# so far (a large model then batches in rounds instead of keeping every layer's tensors).
+_DEFERRED_MAX_BYTES = 1 << 30
 
 
 @dataclass(eq=False)
@@ -170,6 +173,7 @@ class FNGD(LayerwiseOptimizer):
         # Layers waiting for the batched maths, per autograd graph task (a backward; a reentrant
         # checkpoint's backward runs inside another): each task's end runs its own.
         self._deferred: dict[int, list[_DeferredLayer]] = {}
+        self._deferred_bytes: dict[int, int] = {}  # what each task's list holds
         self._grad_accumulators: dict[int, tuple] = {}  # per layer: (its params, their AccumulateGrad nodes)
         self._solve_check_fell_back = False  # a per-step check failed once: per-layer checks from then on
         self._sample_index = SampleIndex()
@@ -401,11 +405,17 @@ class FNGD(LayerwiseOptimizer):
             entries = self._deferred[task] = []
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._flush_deferred, task))
         entries.append(entry)
+        held = self._deferred_bytes.get(task, 0) + sum(t.numel() * t.element_size() for t in (entry.x, entry.delta))
+        if held > _DEFERRED_MAX_BYTES:
+            self._flush_deferred(task)  # the next layer of this backward starts a new list (and callback)
+        else:
+            self._deferred_bytes[task] = held
 
     def _flush_deferred(self, task: int) -> None:
         """The staged layers' coefficients and ``.grad``, equally shaped layers together (a queued autograd
         callback: runs when the backward's graph is done, before ``backward()`` returns)."""
         entries = self._deferred.pop(task, None)
+        self._deferred_bytes.pop(task, None)
         if not entries:
             return
         groups: dict[tuple, list[_DeferredLayer]] = {}
@@ -561,6 +571,7 @@ class FNGD(LayerwiseOptimizer):
 
     def _discard_staged(self) -> None:
         self._deferred.clear()  # layers of a backward that raised before its end
+        self._deferred_bytes.clear()
         self._fold_diagnostics()
         self._shared_weights.clear()
         self._pending.clear()

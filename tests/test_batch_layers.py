@@ -134,6 +134,16 @@ def test_layers_are_batched_in_chunks_under_a_memory_budget(monkeypatch):
     assert_same_blocks(chunked, whole, whole_opt, rtol=1e-12)
 
 
+def test_a_backward_holding_too_much_batches_in_rounds(monkeypatch):
+    whole, whole_opt, whole_calls = run_steps("bart", True, steps=4)
+    # Every layer's tensors exceed the budget: each is done as soon as it is staged, in the backward.
+    monkeypatch.setattr(optimizer_module, "_DEFERRED_MAX_BYTES", 1)
+    rounds, rounds_opt, calls = run_steps("bart", True, steps=4)
+    assert max(whole_calls) > 1 and set(calls) == {1} and sum(calls) == sum(whole_calls)
+    assert not rounds_opt._deferred and not rounds_opt._deferred_bytes
+    assert_same_blocks(rounds, whole, whole_opt, rtol=1e-12)
+
+
 def test_autograd_grad_and_create_graph_take_the_per_layer_path():
     """torch.autograd.grad returns d for the weights (nothing is written to .grad), and a create_graph
     backward is not deferred; both give what the per-layer optimizer gives."""
