@@ -225,6 +225,24 @@ def test_zero_grad_discards_a_backward_that_was_not_stepped():
     assert torch.equal(bank, ref_bank)  # the discarded batch's coefficients were not banked
 
 
+def test_a_step_without_backward_moves_nothing_and_counts_as_a_step_of_the_epoch(monkeypatch):
+    """The slot index stays the loader's position: after an empty step() at position 0, the next batch
+    is stored in slot 1, and the next epoch's position 1 reuses it."""
+    model = make_mlp()
+    opt = FNGD(model, steps_per_epoch=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert opt.global_step == 1 and opt.skipped_steps == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    train_steps(model, opt, seeds=[1])
+    sizes = opt.state[model[0].weight]["coef_size"]
+    assert sizes[:, 0].tolist() == [0, 5]  # slot 1 filled, slot 0 still empty
+    calls = count_grams(monkeypatch)
+    train_steps(model, opt, seeds=[2, 3])  # positions 0 (empty slot: fresh) and 1 (shared)
+    assert len(calls) == 2  # two layers, one fresh step
+    assert opt.diagnostics()["fngd/fresh_fraction"] == pytest.approx(2 / 3)
+
+
 # ------------------------------------------------------------------------ capture switching
 def test_no_capture_in_eval_no_grad_or_optimizer_eval(monkeypatch):
     calls = count_grams(monkeypatch)
