@@ -50,6 +50,7 @@ DEFAULT_LEARNING_RATES = {
 # Methods built on LayerwiseOptimizer: the trainer scales their loss and clips their update.
 LAYERWISE = ("fngd", "ngd", "cwngd", "kfac", "sngd")
 STAT_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
+BATCH_LAYERS = {"auto": "auto", "true": True, "false": False}
 SGD_MOMENTUM = 0.9
 _RANK_BANK_FILE = "fngd_coefficients_rank{rank}.pt"
 
@@ -139,6 +140,15 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
             "choices": ["shared", "refreshed"],
         },
     )
+    fngd_batch_layers: str = field(
+        default="auto",
+        metadata={
+            "help": "true: in the first epoch, equally shaped layers form their Gram matrices and solves together at "
+            "the end of each backward (few GPU kernels; holds their inputs and output gradients until then, at most "
+            "1 GiB); false: each layer in its own backward; auto: true on GPUs, false on CPUs.",
+            "choices": list(BATCH_LAYERS),
+        },
+    )
     fngd_trust_ratio: float | str | None = field(
         default="auto",
         metadata={
@@ -202,6 +212,8 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"Invalid fngd_share_by: {self.fngd_share_by!r} (expected 'position' or 'sample')")
         if self.fngd_scale_mode not in ("shared", "refreshed"):
             raise ValueError(f"Invalid fngd_scale_mode: {self.fngd_scale_mode!r} (expected 'shared' or 'refreshed')")
+        if self.fngd_batch_layers not in BATCH_LAYERS:
+            raise ValueError(f"Invalid fngd_batch_layers: {self.fngd_batch_layers!r} (expected 'auto', 'true' or 'false')")
         self.fngd_trust_ratio = _parse_ratio(self.fngd_trust_ratio)
         if isinstance(self.fngd_target_modules, str):
             self.fngd_target_modules = [self.fngd_target_modules]
@@ -412,6 +424,7 @@ class FNGDTrainer(Seq2SeqTrainer):
             trust_ratio=ratio,
             scale_mode=self._arg("fngd_scale_mode"),
             share_by=self._arg("fngd_share_by"),
+            batch_layers=BATCH_LAYERS[self._arg("fngd_batch_layers")],
             clip_update_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
             stat_dtype=STAT_DTYPES[self._arg("fngd_stat_dtype")],
         )

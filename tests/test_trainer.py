@@ -88,13 +88,14 @@ def test_arguments_parse_from_the_command_line(tmp_path):
             "--output_dir", str(tmp_path), "--optimizer", "ngd", "--fngd_damping", "0.1",
             "--fngd_damping_mode", "fixed", "--fngd_trust_ratio", "none", "--fngd_target_modules", "q_proj",
             "fc1", "--fngd_stat_dtype", "float64", "--fngd_adamw_lr", "1e-3", "--fngd_share_coefficients", "false",
-            "--fngd_scale_mode", "refreshed", "--use_cpu",
+            "--fngd_scale_mode", "refreshed", "--fngd_batch_layers", "true", "--use_cpu",
         ]
     )
     assert args.optimizer == "ngd" and args.fngd_damping == 0.1 and args.fngd_damping_mode == "fixed"
     assert args.fngd_trust_ratio is None and args.fngd_target_modules == ["q_proj", "fc1"]
     assert args.fngd_dtype == torch.float64 and args.fngd_adamw_lr == 1e-3
     assert args.fngd_share_coefficients is False and args.fngd_scale_mode == "refreshed"
+    assert args.fngd_batch_layers == "true"
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fngd_trust_ratio", "0.05"])
     assert args.fngd_trust_ratio == 0.05 and args.optimizer == "fngd"
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
@@ -114,6 +115,7 @@ def test_arguments_parse_from_the_command_line(tmp_path):
         (dict(fngd_trust_ratio="big"), "fngd_trust_ratio"),
         (dict(fngd_target_modules=[]), "fngd_target_modules"),
         (dict(fngd_stat_dtype="float16"), "fngd_stat_dtype"),
+        (dict(fngd_batch_layers="yes"), "fngd_batch_layers"),
         (dict(fngd_adamw_lr=0.0), "fngd_adamw_lr"),
         (dict(fp16=True), "fp16"),
     ],
@@ -366,6 +368,29 @@ def test_max_grad_norm_clips_the_applied_fngd_update_and_the_adamw_gradients(tmp
     moved = [p.detach() - start[n] for n, p in model.named_parameters() if id(p) in fngd_ids]
     update_norm = float(torch.stack([m.norm() for m in moved]).norm())
     assert update_norm == pytest.approx(clip, rel=1e-4)  # the applied update lr·d is what is clipped
+
+
+@pytest.mark.parametrize("share_by", ["position", "sample"])
+def test_batched_first_epoch_trains_exactly_like_the_per_layer_one(tmp_path, share_by, monkeypatch):
+    """fngd_batch_layers=true (the GPU default, forced here on the CPU) gives the same training as false:
+    gradient accumulation, sharing, the trust region, the logged direction norm."""
+    batched = []
+    original = FNGD._batched_layer_gradients
+    monkeypatch.setattr(FNGD, "_batched_layer_gradients", lambda self, e: (batched.append(len(e)), original(self, e))[1])
+    runs = {}
+    for flag in ("false", "true"):
+        args = make_args(tmp_path / flag, max_steps=12, gradient_accumulation_steps=2, fngd_share_by=share_by,
+                         lr_scheduler_type="constant", fngd_batch_layers=flag)
+        trainer = FNGDTrainer(model=tiny_bart().double(), args=args, train_dataset=CopyTask(48))
+        trainer.train()
+        assert trainer.fngd_optimizer.batch_layers is (flag == "true")
+        norms = [r["fngd/direction_norm"] for r in trainer.state.log_history if "fngd/direction_norm" in r]
+        runs[flag] = params_of(trainer.model), losses(trainer), norms
+    # The first epoch only: 3 steps of 2 micro-batches, 16 managed layers (encoder 6, decoder 10).
+    assert sum(batched) == 3 * 2 * 16
+    assert relative_difference(runs["true"][0], runs["false"][0]) < 1e-12
+    assert runs["true"][1] == pytest.approx(runs["false"][1], rel=1e-12)
+    assert runs["true"][2] == pytest.approx(runs["false"][2], rel=1e-9)
 
 
 # ------------------------------------------------------------------------------- precision
