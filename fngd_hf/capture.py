@@ -100,9 +100,13 @@ class _NaturalGradientLinear(torch.autograd.Function):
 
 # ``Function.apply`` is a Python wrapper (argument binding, functorch checks, 4-5 µs a call: a fifth
 # of the host time the capture adds per layer, which bounds a GPU step) that ends in this C call
-# whenever no functorch transform is active; under one, the wrapper runs as usual.
-_apply_natural_gradient = super(torch.autograd.Function, _NaturalGradientLinear).apply
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+# whenever no functorch transform is active; under one, the wrapper runs as usual. Private torch
+# API: a torch without these names takes the wrapper every time.
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
+_apply_natural_gradient = (
+    super(torch.autograd.Function, _NaturalGradientLinear).apply if _transforms_active and _unwrap_if_dead else None
+)
 
 
 def _capturing_forward(self, *args, **kwargs):
@@ -124,7 +128,7 @@ def _capturing_forward(self, *args, **kwargs):
     if not weight.requires_grad:
         return self._fngd_original_class.forward(self, *args)
     bias = self.bias if layer.has_bias else None
-    if torch._C._are_functorch_transforms_active():
+    if _apply_natural_gradient is None or _transforms_active():
         return _NaturalGradientLinear.apply(args[0], weight, bias, layer)
     return _apply_natural_gradient(_unwrap_if_dead(args[0]), weight, bias, layer)
 

@@ -27,6 +27,10 @@ _BATCHED_MAX_ELEMENTS = 1 << 27
 # Inputs and output gradients a backward holds for the batched maths before it does the layers held
 # so far (a large model then batches in rounds instead of keeping every layer's tensors).
 _DEFERRED_MAX_BYTES = 1 << 30
+# The batched path asks the autograd engine which backward is running and whether it writes .grad
+# (private torch API, as DDP and FSDP use it); a torch without it keeps the per-layer path.
+_ENGINE_QUERIES = all(hasattr(torch._C, name) for name in ("_current_graph_task_id", "_will_engine_execute_node")) \
+    and hasattr(torch.autograd.graph, "get_gradient_edge")
 
 
 @dataclass(eq=False)
@@ -375,7 +379,7 @@ class FNGD(LayerwiseOptimizer):
 
     def _can_defer(self, layer: CapturedLayer, x: torch.Tensor) -> bool:
         mode = self.batch_layers
-        if mode is False or (mode == "auto" and not x.is_cuda):
+        if mode is False or (mode == "auto" and not x.is_cuda) or not _ENGINE_QUERIES:
             return False
         # Any process group, even of one process: DDP's reducer writes .grad from its buckets at the end.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -384,7 +388,7 @@ class FNGD(LayerwiseOptimizer):
             return False
         for param in layer.params:
             # A frozen parameter, or hooks that expect their gradient as autograd makes it.
-            if not param.requires_grad or param._backward_hooks or param._post_accumulate_grad_hooks:
+            if not param.requires_grad or param._backward_hooks or getattr(param, "_post_accumulate_grad_hooks", None):
                 return False
         # Only a backward that accumulates into .grad: torch.autograd.grad(loss, params) must get d returned.
         nodes = self._grad_accumulators.get(layer.index)

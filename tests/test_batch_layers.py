@@ -222,6 +222,27 @@ def test_not_deferred_under_a_process_group_of_one(tmp_path):
                                    rtol=1e-9, atol=1e-20, msg=name)
 
 
+def test_without_the_private_torch_api_everything_takes_the_plain_paths(monkeypatch):
+    """A torch without the engine queries keeps the per-layer path; one without functorch's C helpers
+    captures through Function.apply. Same steps either way."""
+    from fngd_hf import capture
+
+    batch = ref.seq2seq_batch(4, 0)
+    grads = {}
+    for plain in (False, True):
+        if plain:
+            monkeypatch.setattr(optimizer_module, "_ENGINE_QUERIES", False)
+            monkeypatch.setattr(capture, "_apply_natural_gradient", None)
+        model = ref.tiny_seq2seq("bart", seed=0)
+        opt = FNGD(model, share_coefficients=False, batch_layers=True)
+        calls = spy_batches(opt)
+        ref.seq2seq_loss(model, batch).backward()
+        assert bool(calls) is not plain
+        grads[plain] = [m.weight.grad for m in opt.managed_modules.values()]
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-20)
+
+
 def test_auto_batches_on_gpus_only():
     model = ref.tiny_seq2seq("bart", seed=0)
     opt = FNGD(model, share_coefficients=False)
