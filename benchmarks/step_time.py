@@ -229,24 +229,8 @@ def emulate_gpu_code_path():
 
     _FOREACH_ON_CPU = True
     fngd_hf.base.adamw_update = functools.partial(adamw, foreach=True)
-    original_solve = FNGD._solve
-
-    def solve(self, gram, damping_b):
-        if self.solve_check == "auto":
-            self.solve_check = "per_step"
-        return original_solve(self, gram, damping_b)
-
-    original_can_defer = FNGD._can_defer
-
-    def can_defer(self, layer, x):
-        if self.batch_layers == "auto":
-            self.batch_layers = True
-        return original_can_defer(self, layer, x)
-
+    FNGD._launch_bound = staticmethod(lambda tensor: True)  # every "auto" choice as on a GPU
     F.kept_tokens = lambda x, delta: None
-    FNGD._gram_path = lambda self, x: "token" if self.gram_path == "auto" else self.gram_path
-    FNGD._solve = solve
-    FNGD._can_defer = can_defer
 
 
 def count_ops(model, opt, batch, device, bf16):

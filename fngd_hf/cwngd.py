@@ -31,9 +31,7 @@ class CWNGD(FNGD):
     ):
         # The per-unit Gram works on padded per-sample gradients; ``tokens`` only serve the weighted gradient.
         grams = F.unit_gram_matrices(x, delta, layer.has_bias, scale, self.gram_path)
-        norms = torch.linalg.matrix_norm(grams)
-        damping_b = F.damping_times_batch(grams, group["damping"], group["damping_mode"], group["damping_floor"], norms)
-        beta, damping_b = self._solve(grams, damping_b)  # (o, B)
+        beta, damping_b, norms = self._damped_solve(grams, group)  # beta: (o, B)
         diagonal = grams.diagonal(dim1=-2, dim2=-1).T  # (B, o): ‖row j of g_n‖²
         return beta.T.contiguous(), diagonal, damping_b, norms
 

@@ -99,16 +99,23 @@ def gram_matrix(
             flat_delta = delta.reshape(batch * length, out_features)
         else:
             flat_x, flat_delta, sample = (t.to(x.dtype) if t.is_floating_point() else t for t in tokens)
-        if has_bias:  # x̂·x̂' = x·x' + 1, the 1 broadcast into the matmul
-            input_gram = torch.addmm(_constant(1.0, (), flat_x.dtype, flat_x.device), flat_x, flat_x.T)
-        else:
-            input_gram = flat_x @ flat_x.T
-        # scale² rides on the delta Gram's matmul (beta=0: addmm ignores its first argument).
-        token_gram = input_gram.mul_(torch.addmm(input_gram, flat_delta, flat_delta.T, beta=0, alpha=scale * scale))
+        token_gram = _token_gram(flat_x, flat_delta, has_bias, scale)
         if tokens is None:
             return token_gram.view(batch, length, batch, length).sum(dim=(1, 3))
         return _sum_by_sample(token_gram, sample, batch)
     raise ValueError(f"Unknown gram path {path!r}; expected 'auto', 'token' or 'per_sample'")
+
+
+def _token_gram(flat_x: torch.Tensor, flat_delta: torch.Tensor, has_bias: bool, scale: float) -> torch.Tensor:
+    """``scale² (x̂_t·x̂_s)(δ_t·δ_s)`` for every token pair: ``(N, N)`` from ``(N, i)``/``(N, o)``, or
+    ``(L, N, N)`` with a leading layer dimension (batched matmuls)."""
+    mm = torch.addmm if flat_x.dim() == 2 else torch.baddbmm
+    if has_bias:  # x̂·x̂' = x·x' + 1, the 1 broadcast into the matmul
+        input_gram = mm(_constant(1.0, (), flat_x.dtype, flat_x.device), flat_x, flat_x.mT)
+    else:
+        input_gram = flat_x @ flat_x.mT
+    # scale² rides on the delta Gram's matmul (beta=0: the matmul ignores its first argument).
+    return input_gram.mul_(mm(input_gram, flat_delta, flat_delta.mT, beta=0, alpha=scale * scale))
 
 
 def stacked_gram_matrices(x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: float) -> torch.Tensor:
@@ -120,13 +127,8 @@ def stacked_gram_matrices(x: torch.Tensor, delta: torch.Tensor, has_bias: bool, 
     layers, batch, length, in_features = x.shape
     flat_x = x.reshape(layers, batch * length, in_features)
     flat_delta = delta.reshape(layers, batch * length, delta.shape[-1])
-    if has_bias:  # x̂·x̂' = x·x' + 1, the 1 broadcast into the matmul
-        input_gram = torch.baddbmm(_constant(1.0, (), flat_x.dtype, flat_x.device), flat_x, flat_x.transpose(1, 2))
-    else:
-        input_gram = torch.bmm(flat_x, flat_x.transpose(1, 2))
-    # beta=0: baddbmm ignores its first argument; scale² rides on the delta Gram's matmul.
-    delta_gram = torch.baddbmm(input_gram, flat_delta, flat_delta.transpose(1, 2), beta=0, alpha=scale * scale)
-    return input_gram.mul_(delta_gram).view(layers, batch, length, batch, length).sum(dim=(2, 4))
+    token_gram = _token_gram(flat_x, flat_delta, has_bias, scale)
+    return token_gram.view(layers, batch, length, batch, length).sum(dim=(2, 4))
 
 
 def stacked_weighted_gradients(
@@ -136,11 +138,7 @@ def stacked_weighted_gradients(
     ``weights`` (L, B) (``scale·β`` per layer, in ``delta``'s dtype) -> ``(dW (L, o, i) or (L, i, o), db (L, o))``."""
     layers, batch, length, in_features = x.shape
     weighted = (delta * weights[:, :, None, None]).reshape(layers, batch * length, delta.shape[-1])
-    flat_x = x.reshape(layers, batch * length, in_features)
-    if flat_x.dtype != weighted.dtype:  # autocast: as _weighted_sum
-        flat_x = flat_x.to(weighted.dtype)
-    d_weight = flat_x.transpose(1, 2) @ weighted if transposed else weighted.transpose(1, 2) @ flat_x
-    return d_weight, (weighted.sum(dim=1) if has_bias else None)
+    return _weighted_sum(x.reshape(layers, batch * length, in_features), weighted, has_bias, transposed)
 
 
 def gram_trace(x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: float) -> torch.Tensor:
@@ -309,13 +307,14 @@ def apply_sample_weights(
 def _weighted_sum(
     flat_x: torch.Tensor, weighted_delta: torch.Tensor, has_bias: bool, transposed: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # Under autocast x may be float32 (a LayerNorm output) while delta is bf16: use delta's dtype,
-    # as autograd's own weight gradient would.
+    # (N, i) and (N, o), or with a leading layer dimension (stacked_weighted_gradients). Under autocast
+    # x may be float32 (a LayerNorm output) while delta is bf16: use delta's dtype, as autograd's own
+    # weight gradient would.
     if flat_x.dtype != weighted_delta.dtype:
         flat_x = flat_x.to(weighted_delta.dtype)
     if transposed:
-        d_weight = flat_x.T @ weighted_delta
+        d_weight = flat_x.mT @ weighted_delta
     else:
-        d_weight = weighted_delta.T @ flat_x
-    d_bias = weighted_delta.sum(dim=0) if has_bias else None
+        d_weight = weighted_delta.mT @ flat_x
+    d_bias = weighted_delta.sum(dim=-2) if has_bias else None
     return d_weight, d_bias

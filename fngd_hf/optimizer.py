@@ -311,12 +311,7 @@ class FNGD(LayerwiseOptimizer):
             beta, diagonal, damping_b, gram_norm = self._fresh_coefficients(
                 layer, self._stats(x), self._stats(delta), scale, group, tokens
             )
-            if by_sample:
-                self._pending.setdefault(id(layer), []).append((None, micro, beta.float(), diagonal.float()))
-            elif bank_slot is not None:
-                self._pending.setdefault(id(layer), []).append(
-                    (bank_slot, micro, beta.float(), diagonal.float().sum(0))
-                )
+            self._stage_coefficients(layer, micro, bank_slot, by_sample, beta, diagonal)
             # Summed once per step (not per layer: kernels cost host time on GPUs), read by diagnostics().
             self._diag_staged.append((damping_b, gram_norm, batch))
             self._diag["fresh"] += 1
@@ -379,7 +374,7 @@ class FNGD(LayerwiseOptimizer):
 
     def _can_defer(self, layer: CapturedLayer, x: torch.Tensor) -> bool:
         mode = self.batch_layers
-        if mode is False or (mode == "auto" and not x.is_cuda) or not _ENGINE_QUERIES:
+        if mode is False or (mode == "auto" and not self._launch_bound(x)) or not _ENGINE_QUERIES:
             return False
         # Any process group, even of one process: DDP's reducer writes .grad from its buckets at the end.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -441,28 +436,22 @@ class FNGD(LayerwiseOptimizer):
     def _batched_layer_gradients(self, entries: list[_DeferredLayer]) -> None:
         """:meth:`_fresh_coefficients`, the bank staging and the weighted gradient of equally shaped layers,
         each step batched over them; the natural gradients go into ``.grad`` as autograd would put them."""
-        group = self.param_groups[0]
         first = entries[0]
         has_bias, batch = first.layer.has_bias, first.x.shape[0]
         x = torch.stack([entry.x for entry in entries])
         delta = torch.stack([entry.delta for entry in entries])
         gram = F.stacked_gram_matrices(self._stats(x), self._stats(delta), has_bias, first.scale)
-        norm = torch.linalg.matrix_norm(gram)
-        damping_b = F.damping_times_batch(gram, group["damping"], group["damping_mode"], group["damping_floor"], norm)
-        beta, damping_b = self._solve(gram, damping_b)
+        beta, damping_b, norm = self._damped_solve(gram, self.param_groups[0])
         self._note_finite(beta)
         self._diag_staged.append((damping_b.sum(), norm.sum(), batch))  # summed: one entry for len(entries) layers
         self._diag["fresh"] += len(entries)
         if any(entry.by_sample or entry.bank_slot is not None for entry in entries):
+            # Converted and summed once for all layers; each layer stages its views.
             stored_beta, diagonal = beta.float(), gram.diagonal(dim1=-2, dim2=-1).float()
             traces = diagonal.sum(-1)
             for index, entry in enumerate(entries):
-                if entry.by_sample:
-                    self._pending.setdefault(id(entry.layer), []).append(
-                        (None, entry.micro, stored_beta[index], diagonal[index]))
-                elif entry.bank_slot is not None:
-                    self._pending.setdefault(id(entry.layer), []).append(
-                        (entry.bank_slot, entry.micro, stored_beta[index], traces[index]))
+                self._stage_coefficients(entry.layer, entry.micro, entry.bank_slot, entry.by_sample,
+                                         stored_beta[index], diagonal[index], traces[index])
         weights = F.sample_weights(beta, float(batch), delta.dtype).view(len(entries), batch)
         d_weight, d_bias = F.stacked_weighted_gradients(x, delta, weights, has_bias, first.layer.transposed)
         weight_dtype = first.layer.weight.dtype
@@ -484,6 +473,15 @@ class FNGD(LayerwiseOptimizer):
         if targets:
             torch._foreach_add_(targets, values)
 
+    def _stage_coefficients(self, layer: CapturedLayer, micro: int, bank_slot: int | None, by_sample: bool,
+                            beta: torch.Tensor, diagonal: torch.Tensor, trace: torch.Tensor | None = None) -> None:
+        """Keep a fresh ``β`` (and ``diag K``, or its sum ``trace``) for the bank; ``step()`` stores it if applied."""
+        if by_sample:
+            self._pending.setdefault(id(layer), []).append((None, micro, beta.float(), diagonal.float()))
+        elif bank_slot is not None:
+            trace = diagonal.float().sum(0) if trace is None else trace
+            self._pending.setdefault(id(layer), []).append((bank_slot, micro, beta.float(), trace))
+
     def _stats(self, tensor: torch.Tensor) -> torch.Tensor:
         # None: a float64 model's statistics in float64 (its exactness is float64's), anything else in float32.
         dtype = self.stat_dtype or (torch.float64 if tensor.dtype == torch.float64 else torch.float32)
@@ -494,17 +492,22 @@ class FNGD(LayerwiseOptimizer):
     ):
         """``(β, diag(K), λB, ‖K‖_F)`` of one layer and micro-batch; ``tokens`` from ``F.kept_tokens``."""
         gram = F.gram_matrix(x, delta, layer.has_bias, scale, self._gram_path(x), tokens)
+        beta, damping_b, norm = self._damped_solve(gram, group)
+        return beta, gram.diagonal(), damping_b, norm
+
+    def _damped_solve(self, gram: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(β, λB used, ‖K‖_F)`` of Gram matrices with any leading dimensions (layers, CW-NGD's units)."""
         norm = torch.linalg.matrix_norm(gram)
         damping_b = F.damping_times_batch(gram, group["damping"], group["damping_mode"], group["damping_floor"], norm)
         beta, damping_b = self._solve(gram, damping_b)
-        return beta, gram.diagonal(), damping_b, norm
+        return beta, damping_b, norm
 
     def _solve(self, gram: torch.Tensor, damping_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(β, λB used)``. Checked per layer (one host sync each, retries with more damping) or,
         on GPUs, once in ``step()``: a GPU step is bound by the host, and 96 syncs per step stall it."""
         mode = self.solve_check
         if mode == "auto":
-            mode = "per_step" if gram.is_cuda else "per_layer"
+            mode = "per_step" if self._launch_bound(gram) else "per_layer"
         if mode == "per_layer" or self._solve_check_fell_back:
             return F.solve_coefficients(gram, damping_b)
         beta, damping_b, info = F.solve_coefficients_deferred(gram, damping_b)
@@ -525,9 +528,16 @@ class FNGD(LayerwiseOptimizer):
     def _gram_path(self, x: torch.Tensor) -> str:
         # Measured (benchmarks/step_time.py --micro): on GPUs the token Gram is as fast or faster for
         # Transformer layer shapes and needs less memory; on CPUs the multiply-add count decides.
-        if self.gram_path == "auto" and x.is_cuda:
+        if self.gram_path == "auto" and self._launch_bound(x):
             return "token"
         return self.gram_path
+
+    @staticmethod
+    def _launch_bound(tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s device runs FNGD's GPU choices (the ``"auto"`` of ``solve_check``, ``gram_path``
+        and ``batch_layers``): on a GPU the step is bound by the host's kernel launches and syncs, not the
+        arithmetic. ``benchmarks/step_time.py --gpu-code-path`` answers True here to time that path on a CPU."""
+        return tensor.is_cuda
 
     def _trace(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
         return F.gram_trace(x, delta, layer.has_bias, scale)
