@@ -9,19 +9,7 @@ import reference as ref
 import test_exactness as ex
 from fngd_hf import CWNGD, FNGD
 from fngd_hf import optimizer as optimizer_module
-
-
-def spy_batches(opt):
-    """Record the number of layers of every batched call (the test can tell that batching happened)."""
-    calls = []
-    original = opt._batched_layer_gradients
-
-    def spy(entries):
-        calls.append(len(entries))
-        return original(entries)
-
-    opt._batched_layer_gradients = spy
-    return calls
+from tiny_models import spy_batches
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import torch
 
 import reference as ref
 from fngd_hf import CWNGD, FNGD
+from tiny_models import spy_batches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -98,9 +99,7 @@ def test_first_epoch_layers_are_batched_on_gpu_by_default():
     """batch_layers="auto": on a GPU the first epoch's equally shaped layers share their kernels."""
     model = ref.tiny_seq2seq("marian", seed=0).to("cuda")
     opt = FNGD(model, lr=1e-2, damping=0.1, steps_per_epoch=2)
-    batched = []
-    original = opt._batched_layer_gradients
-    opt._batched_layer_gradients = lambda entries: (batched.append(len(entries)), original(entries))[1]
+    batched = spy_batches(opt)
     ref.seq2seq_loss(model, to_device(ref.seq2seq_batch(4, 0), "cuda")).backward()
     assert sum(batched) == len(opt.managed_modules) and len(batched) < len(opt.managed_modules)
     assert all(m.weight.grad is not None for m in opt.managed_modules.values())

@@ -13,6 +13,7 @@ from torch import nn
 import reference as ref
 from fngd_hf import FNGD
 from fngd_hf import functional as F
+from tiny_models import spy_batches
 
 RTOL = 1e-6
 LR = 1e-2
@@ -486,9 +487,7 @@ def test_gradient_checkpointing_gives_the_same_steps(use_reentrant, batch_layers
         model.train()
         opt = FNGD(model, lr=1e-2, damping=0.1, steps_per_epoch=1, momentum=0.9, stat_dtype=torch.float64,
                    batch_layers=batch_layers)
-        batched = []
-        original = opt._batched_layer_gradients
-        opt._batched_layer_gradients = lambda entries: (batched.append(len(entries)), original(entries))[1]
+        batched = spy_batches(opt)
         for step in range(3):  # step 0 computes coefficients, steps 1-2 reuse them
             ref.seq2seq_loss(model, ref.seq2seq_batch(4, step)).backward()
             opt.step()

@@ -9,7 +9,7 @@ from torch import nn
 
 import fngd_hf.functional as functional
 from fngd_hf import CWNGD, FNGD, KFAC, SNGD
-from tiny_models import make_mlp, mlp_batch, tiny_bart, train_steps
+from tiny_models import make_mlp, mlp_batch, spy_batches, tiny_bart, train_steps
 
 
 # ------------------------------------------------------------------ validation and layer choice
@@ -719,9 +719,7 @@ def test_torch_compile_gives_the_same_steps(batch_layers):
     eager, compiled = make_mlp(), make_mlp()
     eager_opt = FNGD(eager, lr=0.01, steps_per_epoch=2)
     compiled_opt = FNGD(compiled, lr=0.01, steps_per_epoch=2, batch_layers=batch_layers)
-    batched = []
-    original = compiled_opt._batched_layer_gradients
-    compiled_opt._batched_layer_gradients = lambda entries: (batched.append(len(entries)), original(entries))[1]
+    batched = spy_batches(compiled_opt)
     forward = torch.compile(compiled, backend="aot_eager")
     try:
         for seed in range(4):

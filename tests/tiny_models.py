@@ -1,4 +1,4 @@
-"""Tiny models and batches shared by the optimizer tests (no downloads: everything from configs)."""
+"""Tiny models, batches and probes shared by the optimizer tests (no downloads: everything from configs)."""
 
 import torch
 from torch import nn
@@ -35,3 +35,17 @@ def tiny_bart(seed=0, vocab_size=40, d_model=16, ffn_dim=32, max_position_embedd
         activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
     )
     return BartForConditionalGeneration(config)
+
+
+def spy_batches(opt):
+    """The number of layers of every batched call of ``opt`` (``batch_layers``), so a test can tell that
+    batching happened and how."""
+    calls = []
+    original = opt._batched_layer_gradients
+
+    def spy(entries):
+        calls.append(len(entries))
+        return original(entries)
+
+    opt._batched_layer_gradients = spy
+    return calls
