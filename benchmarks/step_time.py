@@ -27,7 +27,8 @@ Methods (``--methods``, comma separated):
 * variants (not in the default list): ``fngd_first_token`` / ``fngd_first_ps`` (``gram_path``
   forced), ``fngd_first_checked`` (``solve_check="per_layer"``: a host sync per layer, the GPU
   default before the check moved to ``step()``), ``fngd_first_batched`` / ``fngd_first_unbatched``
-  (``batch_layers`` forced on / off; ``"auto"`` batches on GPUs); the other methods of the package: ``cwngd_first`` / ``cwngd_shared``, ``kfac`` (factors
+  (``batch_layers`` forced on / off; ``"auto"`` batches on GPUs), ``fngd_first_padded`` (batched, keeping
+  the padding tokens the batched path drops with one host read per backward); the other methods of the package: ``cwngd_first`` / ``cwngd_shared``, ``kfac`` (factors
   every step, inverses every 10), ``sngd`` (refresh every 10), ``shampoo`` (pytorch-optimizer,
   preconditioners every 10 steps). K-FAC/SNGD/Shampoo medians include their periodic refresh steps.
 
@@ -42,11 +43,17 @@ same run, and on GPU the peak memory of the step above what was resident before 
 (``max_memory_allocated - memory_allocated``: activations, gradients, temporaries) plus the
 resident optimizer state. On CPU memory is not reported (RSS of a shared process says nothing
 per method). Then one more step per method counts its aten operators (views left out; on a GPU
-each is at least one kernel launch) and host reads (``_local_scalar_dense``); with
+each is at least one kernel launch), host reads (``_local_scalar_dense``, and the batched first
+epoch's one read of its kept-token counts) and matmul FLOPs (``torch.utils.flop_counter``); with
 ``--gpu-code-path`` FNGD takes its GPU path on the CPU and AdamW/SGD (the baselines and FNGD's own
 AdamW part) their multi-tensor update, so a machine without a GPU can count what a GPU step would
 launch and time the host's share of it (with ``--preset tiny --batch-size 2 --threads 1`` the
-arithmetic is negligible, as it is for a GPU at the issue's size).
+arithmetic is negligible, as it is for a GPU at the issue's size). The two ends of a GPU step:
+the host-bound one timed that way, the arithmetic-bound one counted in FLOPs at the issue's size
+without timing (``--count-only``):
+
+    python benchmarks/step_time.py --preset paper --device cpu --gpu-code-path --count-only --warmup 3 \
+        --methods adamw,fngd_first,fngd_first_padded,fngd_first_unbatched,fngd_shared
 
 ``--profile`` then times FNGD's pieces (``fngd_hf.functional`` functions and the optimizer's
 hooks, each bracketed by synchronisations, so they add up to device time, not to the overlapped
@@ -81,7 +88,7 @@ from fngd_hf.models import build_config, resolve_shape  # noqa: E402
 PAD, EOS = 0, 1
 MULTI30K_STEPS_PER_EPOCH = 29000 // 64 + 1  # 454: the bank size a real first epoch would have
 DEFAULT_METHODS = "adamw,sgd,fngd_first,fngd_shared,ngd"
-VARIANTS = ("fngd_first_token", "fngd_first_ps", "fngd_first_checked", "fngd_first_batched", "fngd_first_unbatched", "cwngd_first", "cwngd_shared", "kfac", "sngd", "shampoo")
+VARIANTS = ("fngd_first_token", "fngd_first_ps", "fngd_first_checked", "fngd_first_batched", "fngd_first_unbatched", "fngd_first_padded", "cwngd_first", "cwngd_shared", "kfac", "sngd", "shampoo")
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -136,6 +143,10 @@ def make_optimizer(method, model, device, total_steps):
     if method in ("fngd_first_batched", "fngd_first_unbatched"):
         batched = method == "fngd_first_batched"
         return FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, batch_layers=batched, **fngd_kwargs)
+    if method == "fngd_first_padded":  # the batched path keeping its padding tokens (no host read in backward)
+        opt = FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, batch_layers=True, **fngd_kwargs)
+        opt._drop_zero_tokens = False
+        return opt
     if method == "fngd_shared":
         return FNGD(model, share_coefficients=True, steps_per_epoch=2, **fngd_kwargs)
     if method == "ngd":
@@ -234,7 +245,8 @@ def emulate_gpu_code_path():
 
 
 def count_ops(model, opt, batch, device, bf16):
-    """``{"ops": aten operators that are not views, "host_reads": _local_scalar_dense calls}`` in one step.
+    """``{"ops": aten operators that are not views, "host_reads": _local_scalar_dense calls and FNGD's count
+    reads, "gflop": matmul FLOPs (torch.utils.flop_counter)}`` in one step.
 
     On a GPU each operator is (at least) one kernel launch, and a step at this size is bound by
     the host, so this counts what a step costs there beyond its arithmetic; a host read is a
@@ -253,9 +265,20 @@ def count_ops(model, opt, batch, device, bf16):
                 Counter.host_reads += 1
             return func(*args, **(kwargs or {}))
 
-    with Counter():
-        train_step(model, opt, batch, device, bf16)
-    return dict(ops_per_step=Counter.ops, host_reads_per_step=Counter.host_reads)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def counted_read(counts, original=FNGD._host_counts):  # .tolist() does not go through the dispatcher
+        Counter.host_reads += 1
+        return original(counts)
+
+    flops = FlopCounterMode(display=False)
+    original, FNGD._host_counts = FNGD._host_counts, staticmethod(counted_read)
+    try:
+        with Counter(), flops:
+            train_step(model, opt, batch, device, bf16)
+    finally:
+        FNGD._host_counts = staticmethod(original)
+    return dict(ops_per_step=Counter.ops, host_reads_per_step=Counter.host_reads, gflop_per_step=flops.get_total_flops() / 1e9)
 
 
 def measure(methods, base_model, batches, args, device):
@@ -329,6 +352,31 @@ def measure(methods, base_model, batches, args, device):
     return results, runs
 
 
+def count_only(methods, base_model, batches, args, device):
+    """``count_ops`` of one step per method after ``--warmup`` steps, with no timing: what a step launches
+    and multiplies, at a size where timing the GPU code path on a CPU would say nothing."""
+    results = {}
+    for method in methods:
+        model = copy.deepcopy(base_model).to(device).train()
+        opt = make_optimizer(method, model, device, args.warmup + 1)
+        for r in range(args.warmup):
+            train_step(model, opt, batches[r % len(batches)], device, args.bf16)
+        results[method] = count_ops(model, opt, batches[args.warmup % len(batches)], device, args.bf16)
+        del model, opt
+    return results
+
+
+def print_counts(results, reference="adamw", out=sys.stdout):
+    ref = results.get(reference, {})
+    print(f"{'method':<22}{'ops':>7}{'x ops':>7}{'reads':>7}{'GFLOP':>9}{'x flop':>8}", file=out)
+    for method, r in results.items():
+        line = f"{method:<22}{r['ops_per_step']:>7}"
+        line += f"{r['ops_per_step'] / ref['ops_per_step']:>6.2f}x" if ref else f"{'':>7}"
+        line += f"{r['host_reads_per_step']:>7}{r['gflop_per_step']:>9.1f}"
+        line += f"{r['gflop_per_step'] / ref['gflop_per_step']:>7.2f}x" if ref else ""
+        print(line, file=out)
+
+
 def print_table(results, reference="adamw", out=sys.stdout):
     ref = results.get(reference, {}).get("median_ms")
     has_mem = any("step_peak_mb" in r for r in results.values())
@@ -338,9 +386,10 @@ def print_table(results, reference="adamw", out=sys.stdout):
         head += f"{'step peak MB':>14}{'state MB':>10}{'x mem':>7}"
     if has_phase:
         head += f"{'fwd':>7}{'bwd':>7}{'step':>7}"
-    head += f"{'fresh K':>8}{'skipped':>8}{'ops':>7}{'x ops':>7}{'reads':>7}"
+    head += f"{'fresh K':>8}{'skipped':>8}{'ops':>7}{'x ops':>7}{'reads':>7}{'GFLOP':>8}{'x flop':>7}"
     print(head, file=out)
     ref_ops = results.get(reference, {}).get("ops_per_step")
+    ref_flop = results.get(reference, {}).get("gflop_per_step")
     ref_mem = None
     if has_mem and reference in results:
         ref_mem = results[reference]["step_peak_mb"] + results[reference]["state_mb"]
@@ -360,6 +409,8 @@ def print_table(results, reference="adamw", out=sys.stdout):
         if "ops_per_step" in r:
             line += f"{r['ops_per_step']:>7}" + (f"{r['ops_per_step'] / ref_ops:>6.2f}x" if ref_ops else f"{'':>7}")
             line += f"{r['host_reads_per_step']:>7}"
+        if "gflop_per_step" in r:
+            line += f"{r['gflop_per_step']:>8.1f}" + (f"{r['gflop_per_step'] / ref_flop:>6.2f}x" if ref_flop else f"{'':>7}")
         print(line, file=out)
 
 
@@ -556,6 +607,8 @@ def main(argv=None):
     parser.add_argument("--profile-methods", default="adamw,fngd_first,fngd_shared")
     parser.add_argument("--micro", action="store_true", help="time the maths alone on the layer shapes")
     parser.add_argument("--no-measure", action="store_true", help="skip the interleaved table (profile/micro only)")
+    parser.add_argument("--count-only", action="store_true",
+                        help="no timing: operators, host reads and matmul FLOPs of one step per method after the warm-up")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (all methods)")
     parser.add_argument("--gpu-code-path", action="store_true",
                         help="on a CPU, run FNGD's GPU code path (see emulate_gpu_code_path) to count its operators")
@@ -618,7 +671,11 @@ def main(argv=None):
         flush=True,
     )
     output = dict(info=info)
-    if not args.no_measure:
+    if args.count_only:
+        output["counts"] = count_only(methods, base_model, batches, args, device)
+        print()
+        print_counts(output["counts"])
+    elif not args.no_measure:
         results, runs = measure(methods, base_model, batches, args, device)
         del runs
         if device.type == "cuda":

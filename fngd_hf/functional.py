@@ -118,24 +118,47 @@ def _token_gram(flat_x: torch.Tensor, flat_delta: torch.Tensor, has_bias: bool, 
     return input_gram.mul_(mm(input_gram, flat_delta, flat_delta.mT, beta=0, alpha=scale * scale))
 
 
-def stacked_gram_matrices(x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: float) -> torch.Tensor:
-    """``K`` of ``L`` equally shaped layers at once: ``x`` (L, B, T, i), ``delta`` (L, B, T, o) -> (L, B, B).
+def stacked_gram_matrices(
+    x: torch.Tensor, delta: torch.Tensor, has_bias: bool, scale: float, membership: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``K`` of ``L`` equally shaped layers at once -> (L, B, B): from ``x`` (L, B, T, i) and ``delta``
+    (L, B, T, o), or from kept tokens only: ``x`` (L, N, i), ``delta`` (L, N, o) and ``membership``
+    (N, B), each token's sample one-hot (:func:`sample_membership`).
 
     :func:`gram_matrix`'s token path with a leading layer dimension: a handful of batched kernels
     for all ``L`` layers instead of a handful per layer (kernel launches bound a GPU step).
     """
-    layers, batch, length, in_features = x.shape
-    flat_x = x.reshape(layers, batch * length, in_features)
-    flat_delta = delta.reshape(layers, batch * length, delta.shape[-1])
-    token_gram = _token_gram(flat_x, flat_delta, has_bias, scale)
-    return token_gram.view(layers, batch, length, batch, length).sum(dim=(2, 4))
+    if membership is None:
+        layers, batch, length, in_features = x.shape
+        flat_x = x.reshape(layers, batch * length, in_features)
+        flat_delta = delta.reshape(layers, batch * length, delta.shape[-1])
+        token_gram = _token_gram(flat_x, flat_delta, has_bias, scale)
+        return token_gram.view(layers, batch, length, batch, length).sum(dim=(2, 4))
+    # Summed by sample with matmuls (B/(i+o) of the Gram's work), not index_add_, whose atomics make
+    # a GPU's sums non-deterministic.
+    return membership.T @ _token_gram(x, delta, has_bias, scale) @ membership
+
+
+def sample_membership(sample: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(N, B)``: row ``t`` is the one-hot of token ``t``'s sample index ``sample[t]``."""
+    return (sample[:, None] == torch.arange(batch, device=sample.device)).to(dtype)
+
+
+def stacked_kept_tokens(delta: torch.Tensor) -> torch.Tensor:
+    """The tokens whose output gradient is not zero in some of ``L`` layers, as a flat (B·T,) mask of
+    ``delta`` (L, B, T, o): the others (padding, ``-100`` labels) add nothing to ``K`` or ``d``."""
+    return delta.any(dim=(0, 3)).view(-1)  # a float is "any" where nonzero (NaN included: it must reach the checks)
 
 
 def stacked_weighted_gradients(
-    x: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor, has_bias: bool, transposed: bool = False
+    x: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor, has_bias: bool, transposed: bool = False,
+    sample: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`apply_sample_weights` for ``L`` layers at once: ``x`` (L, B, T, i), ``delta`` (L, B, T, o) and
-    ``weights`` (L, B) (``scale·β`` per layer, in ``delta``'s dtype) -> ``(dW (L, o, i) or (L, i, o), db (L, o))``."""
+    ``weights`` (L, B) (``scale·β`` per layer, in ``delta``'s dtype) -> ``(dW (L, o, i) or (L, i, o), db (L, o))``;
+    or kept tokens ``x`` (L, N, i), ``delta`` (L, N, o) with their ``sample`` index (N,)."""
+    if sample is not None:
+        return _weighted_sum(x, delta * weights[:, sample, None], has_bias, transposed)
     layers, batch, length, in_features = x.shape
     weighted = (delta * weights[:, :, None, None]).reshape(layers, batch * length, delta.shape[-1])
     return _weighted_sum(x.reshape(layers, batch * length, in_features), weighted, has_bias, transposed)

@@ -33,13 +33,21 @@ _ENGINE_QUERIES = all(hasattr(torch._C, name) for name in ("_current_graph_task_
     and hasattr(torch.autograd.graph, "get_gradient_edge")
 
 
+def _nonzero(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of ``mask``'s ``count`` true entries, without a host sync where torch can (``count`` is known)."""
+    try:
+        return torch.nonzero_static(mask, size=count).squeeze(1)
+    except (AttributeError, NotImplementedError, RuntimeError):  # an older torch, or no kernel for this device
+        return mask.nonzero().squeeze(1)
+
+
 @dataclass(eq=False)
 class _DeferredLayer:
     """A layer's fresh-coefficient work, staged in its backward and done with its equals at the end."""
 
     layer: CapturedLayer
-    x: torch.Tensor  # (B, T, i)
-    delta: torch.Tensor  # (B, T, o)
+    x: torch.Tensor | None  # (B, T, i); None once stacked with its equals
+    delta: torch.Tensor | None  # (B, T, o)
     scale: float
     micro: int
     bank_slot: int | None
@@ -96,9 +104,15 @@ class FNGD(LayerwiseOptimizer):
     tensors until then. Only under ``loss.backward()`` without a process group: ``torch.autograd.grad``,
     ``create_graph``, ``torch.distributed`` (DDP needs each gradient as it is made), parameters with
     gradient hooks, ``gram_path="per_sample"`` and CW-NGD keep the per-layer path; a backward that
-    raises leaves its staged layers unapplied. ``"auto"`` = on GPUs, where a
-    step is bound by kernel launches; off on CPUs, where the per-layer path drops padding tokens).
+    raises leaves its staged layers unapplied. The batched maths leave out each shape's padding tokens
+    (zero output gradient in all its layers), with one host read per backward. ``"auto"`` = on GPUs,
+    where a step is bound by kernel launches; off on CPUs, where the arithmetic bounds it and the
+    per-layer path picks the cheaper Gram for each layer).
     """
+
+    # The batched path drops tokens whose output gradient is zero in every layer of a group (one host
+    # read per backward); benchmarks/step_time.py's fngd_first_padded turns it off to compare.
+    _drop_zero_tokens = True
 
     def __init__(
         self,
@@ -417,30 +431,82 @@ class FNGD(LayerwiseOptimizer):
         self._deferred_bytes.pop(task, None)
         if not entries:
             return
+        with torch.no_grad(), torch.autocast(entries[0].x.device.type, enabled=False):
+            stacks = self._stack_equal_layers(entries)
+            kept = self._kept_tokens(stacks) if self._drop_zero_tokens else {}
+            memberships = {}
+            stacks.reverse()
+            while stacks:
+                members, x, delta = stacks.pop()  # each group's stacks go once it is done
+                layers, batch, length, in_features = x.shape
+                sample = membership = None
+                rows = batch * length
+                if (batch, length, x.device) in kept:
+                    tokens, sample = kept[(batch, length, x.device)]
+                    x = x.flatten(1, 2).index_select(1, tokens)
+                    delta = delta.flatten(1, 2).index_select(1, tokens)
+                    membership_key = (batch, length, x.device, self._stat_dtype_for(delta.dtype))
+                    if membership_key not in memberships:
+                        memberships[membership_key] = F.sample_membership(sample, batch, membership_key[-1])
+                    membership, rows = memberships[membership_key], tokens.shape[0]
+                per_layer = 2 * rows * rows + rows * (in_features + delta.shape[-1])
+                size = max(1, _BATCHED_MAX_ELEMENTS // max(1, per_layer))
+                for start in range(0, layers, size):
+                    chunk = slice(start, start + size)
+                    self._batched_layer_gradients(members[chunk], x[chunk], delta[chunk], batch, sample, membership)
+                del members, x, delta
+
+    @staticmethod
+    def _stack_equal_layers(entries: list[_DeferredLayer]) -> list[tuple[list[_DeferredLayer], torch.Tensor, torch.Tensor]]:
+        """``(members, x (L, B, T, i), delta (L, B, T, o))`` per group of layers that can share kernels."""
         groups: dict[tuple, list[_DeferredLayer]] = {}
         for entry in entries:
             layer = entry.layer
             key = (entry.x.shape, entry.delta.shape, entry.x.dtype, entry.delta.dtype, entry.x.device, entry.scale,
                    layer.has_bias, layer.transposed, layer.weight.dtype, layer.has_bias and layer.bias.dtype)
             groups.setdefault(key, []).append(entry)
-        device_type = entries[0].x.device.type
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):
-            for members in groups.values():
-                batch, tokens, in_features = members[0].x.shape
-                rows = batch * tokens
-                per_layer = 2 * rows * rows + rows * (in_features + members[0].delta.shape[-1])
-                size = max(1, _BATCHED_MAX_ELEMENTS // per_layer)
-                for start in range(0, len(members), size):
-                    self._batched_layer_gradients(members[start:start + size])
+        stacks = []
+        for members in groups.values():
+            x, delta = torch.stack([e.x for e in members]), torch.stack([e.delta for e in members])
+            for entry in members:
+                entry.x = entry.delta = None  # the stacks are the only copy from here on
+            stacks.append((members, x, delta))
+        return stacks
 
-    def _batched_layer_gradients(self, entries: list[_DeferredLayer]) -> None:
+    @staticmethod
+    def _kept_tokens(stacks: list[tuple]) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
+        """Per (B, T, device) where some tokens have a zero output gradient in every layer of that shape
+        (padding, ``-100`` labels): the flat indices of the others and their sample indices. Padding costs
+        N² in the token Gram for nothing. The counts come in one host read for all shapes: one sync per
+        backward (one per group would each wait for the groups before it)."""
+        masks: dict[tuple, torch.Tensor] = {}
+        for _, x, delta in stacks:
+            if x.shape[2] > 1:
+                key = (x.shape[1], x.shape[2], x.device)
+                keep = F.stacked_kept_tokens(delta)
+                masks[key] = keep if key not in masks else masks[key].logical_or_(keep)
+        if not masks:
+            return {}
+        kept = {}
+        for (key, mask), count in zip(masks.items(), FNGD._host_counts([mask.sum() for mask in masks.values()])):
+            if count < mask.shape[0]:
+                index = _nonzero(mask, count)
+                kept[key] = (index, index // key[1])
+        return kept
+
+    @staticmethod
+    def _host_counts(counts: list[torch.Tensor]) -> list[int]:
+        return torch.stack(counts).tolist()  # the batched first epoch's one host read per backward
+
+    def _batched_layer_gradients(self, entries: list[_DeferredLayer], x: torch.Tensor, delta: torch.Tensor,
+                                 batch: int, sample: torch.Tensor | None, membership: torch.Tensor | None) -> None:
         """:meth:`_fresh_coefficients`, the bank staging and the weighted gradient of equally shaped layers,
-        each step batched over them; the natural gradients go into ``.grad`` as autograd would put them."""
+        each step batched over them; the natural gradients go into ``.grad`` as autograd would put them.
+        ``x``/``delta``: the layers' stacked tensors (L, B, T, ·), or their kept tokens (L, N, ·) with each
+        token's ``sample`` index and its one-hot ``membership`` (N, B)."""
         first = entries[0]
-        has_bias, batch = first.layer.has_bias, first.x.shape[0]
-        x = torch.stack([entry.x for entry in entries])
-        delta = torch.stack([entry.delta for entry in entries])
-        gram = F.stacked_gram_matrices(self._stats(x), self._stats(delta), has_bias, first.scale)
+        has_bias = first.layer.has_bias
+        gram = F.stacked_gram_matrices(self._stats(x), self._stats(delta), has_bias, first.scale, membership)
         beta, damping_b, norm = self._damped_solve(gram, self.param_groups[0])
         self._note_finite(beta)
         self._diag_staged.append((damping_b.sum(), norm.sum(), batch))  # summed: one entry for len(entries) layers
@@ -453,7 +519,7 @@ class FNGD(LayerwiseOptimizer):
                 self._stage_coefficients(entry.layer, entry.micro, entry.bank_slot, entry.by_sample,
                                          stored_beta[index], diagonal[index], traces[index])
         weights = F.sample_weights(beta, float(batch), delta.dtype).view(len(entries), batch)
-        d_weight, d_bias = F.stacked_weighted_gradients(x, delta, weights, has_bias, first.layer.transposed)
+        d_weight, d_bias = F.stacked_weighted_gradients(x, delta, weights, has_bias, first.layer.transposed, sample)
         weight_dtype = first.layer.weight.dtype
         if d_weight.dtype != weight_dtype:
             d_weight = d_weight.to(weight_dtype)
@@ -483,9 +549,12 @@ class FNGD(LayerwiseOptimizer):
             self._pending.setdefault(id(layer), []).append((bank_slot, micro, beta.float(), trace))
 
     def _stats(self, tensor: torch.Tensor) -> torch.Tensor:
-        # None: a float64 model's statistics in float64 (its exactness is float64's), anything else in float32.
-        dtype = self.stat_dtype or (torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+        dtype = self._stat_dtype_for(tensor.dtype)
         return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+    def _stat_dtype_for(self, dtype: torch.dtype) -> torch.dtype:
+        # None: a float64 model's statistics in float64 (its exactness is float64's), anything else in float32.
+        return self.stat_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
 
     def _fresh_coefficients(
         self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float, group: dict, tokens=None

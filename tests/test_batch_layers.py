@@ -2,12 +2,15 @@
 over equally shaped layers. Same numbers as the per-layer path (and the dense reference); every case
 that cannot defer (torch.autograd.grad, create_graph, DDP, CW-NGD) takes the per-layer path."""
 
+import warnings
+
 import pytest
 import torch
 
 import reference as ref
 import test_exactness as ex
 from fngd_hf import CWNGD, FNGD
+from fngd_hf import functional as F
 from fngd_hf import optimizer as optimizer_module
 from tiny_models import spy_batches
 
@@ -334,3 +337,97 @@ def test_batched_bf16_autocast_keeps_float32_statistics_and_gradients():
     for a, b in zip(grads[True], grads[False]):
         assert a.dtype == torch.float32
         assert float((a - b).norm() / b.norm()) < 2e-2
+
+
+def test_stacked_kept_tokens_change_no_number():
+    """The batched path's padding drop keeps the tokens whose output gradient is nonzero in any layer of the
+    group; the Gram matrices and natural gradients from them equal those from every token."""
+    g = torch.Generator().manual_seed(3)
+    layers, batch, length = 3, 5, 6
+    x = torch.randn(layers, batch, length, 4, generator=g, dtype=torch.float64)
+    delta = torch.randn(layers, batch, length, 3, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([6, 1, 3, 0, 5])  # sample 3 has no gradient at all
+    real = torch.arange(length) < lengths[:, None]
+    delta = delta * real[None, ..., None]
+    delta[1, 1, 4] = 0.5  # past sample 1's end, but not zero in layer 1: kept for the whole group
+    delta[0, 0, 2] = 0.0  # zero in one layer only: kept (the other layers need it)
+    keep = F.stacked_kept_tokens(delta)
+    expected = real.clone()
+    expected[1, 4] = True
+    assert torch.equal(keep, expected.view(-1))
+    kept = keep.nonzero().squeeze(1)
+    sample = kept // length
+
+    def flat(tensor, index=kept):
+        return tensor.flatten(1, 2).index_select(1, index)
+
+    weights = torch.randn(layers, batch, generator=g, dtype=torch.float64)
+    for bias in (True, False):
+        dense = F.stacked_gram_matrices(x, delta, bias, 5.0)
+        membership = F.sample_membership(sample, batch, torch.float64)
+        torch.testing.assert_close(F.stacked_gram_matrices(flat(x), flat(delta), bias, 5.0, membership), dense)
+        for index in range(layers):
+            torch.testing.assert_close(dense[index], F.gram_matrix(x[index], delta[index], bias, 5.0, "per_sample"))
+        assert torch.all(dense[:, 3] == 0) and torch.all(dense[:, :, 3] == 0)
+        for transposed in (False, True):
+            full = F.stacked_weighted_gradients(x, delta, weights, bias, transposed)
+            mine = F.stacked_weighted_gradients(flat(x), flat(delta), weights, bias, transposed, sample)
+            torch.testing.assert_close(mine[0], full[0])
+            if bias:
+                torch.testing.assert_close(mine[1], full[1])
+    # No token left (a group whose output gradient is zero): K = 0 and d = 0, no error.
+    none = kept[:0]
+    gram = F.stacked_gram_matrices(flat(x, none), flat(delta, none), True, 5.0, F.sample_membership(none, batch, x.dtype))
+    assert gram.shape == (layers, batch, batch) and torch.all(gram == 0)
+    d_weight, d_bias = F.stacked_weighted_gradients(flat(x, none), flat(delta, none), weights, True, False, none)
+    assert d_weight.shape == (layers, 3, 4) and torch.all(d_weight == 0) and torch.all(d_bias == 0)
+
+
+def test_batched_path_drops_padding_tokens_and_changes_no_step(monkeypatch):
+    """Groups seeing the source keep its real tokens; groups seeing the target keep its labelled ones."""
+    batch = ref.seq2seq_batch(4, 0)
+    source, target = batch["input_ids"].shape[1], batch["labels"].shape[1]
+    assert source != target  # so no group mixes the two
+    real_source, labelled = int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum())
+    assert real_source < 4 * source and labelled < 4 * target
+    models = {}
+    for drop in (True, False):
+        monkeypatch.setattr(FNGD, "_drop_zero_tokens", drop)
+        model = ref.tiny_seq2seq("bart", seed=0)
+        opt = FNGD(model, lr=1e-2, momentum=0.0, share_coefficients=False, batch_layers=True, stat_dtype=torch.float64)
+        rows = {}
+        original = opt._batched_layer_gradients
+
+        def spy(entries, x, delta, batch_size, sample, membership, rows=rows, original=original):
+            for entry in entries:
+                rows[entry.layer.name] = x.shape[1] if sample is not None else x.shape[1] * x.shape[2]
+            return original(entries, x, delta, batch_size, sample, membership)
+
+        opt._batched_layer_gradients = spy
+        ref.seq2seq_loss(model, batch).backward()
+        opt.step()
+        models[drop] = (model, opt)
+        if drop:
+            assert len(rows) == len(opt.managed_modules)
+            for name, count in rows.items():
+                sees_source = ".encoder." in name or ("encoder_attn." in name and name.endswith(("k_proj", "v_proj")))
+                assert count == (real_source if sees_source else labelled), name
+        else:
+            assert set(rows.values()) == {4 * source, 4 * target}
+    (dropped, opt), (kept, _) = models[True], models[False]
+    assert_same_blocks(dropped, kept, opt, rtol=1e-10)
+
+
+def test_batched_zero_output_gradient_gives_a_zero_update():
+    model = ref.tiny_seq2seq("bart", seed=0)
+    opt = FNGD(model, lr=0.1, momentum=0.0, share_coefficients=False, batch_layers=True)
+    calls = spy_batches(opt)
+    before = {name: m.weight.detach().clone() for name, m in opt.managed_modules.items()}
+    (ref.seq2seq_loss(model, ref.seq2seq_batch(4, 0)) * 0.0).backward()
+    assert sum(calls) == len(opt.managed_modules)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert opt.skipped_steps == 0
+    for name, m in opt.managed_modules.items():
+        assert torch.equal(m.weight, before[name]), name

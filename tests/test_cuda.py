@@ -54,9 +54,23 @@ def test_gpu_steps_match_cpu_steps(optimizer_class):
 
 
 @pytest.mark.parametrize("optimizer_class", [FNGD, CWNGD])
-def test_backward_adds_no_host_sync_on_gpu(optimizer_class):
+def test_backward_adds_no_host_sync_on_gpu(optimizer_class, monkeypatch):
     """Capture, Gram, damping, solve, weighted gradient: nothing the optimizer adds to backward waits
-    for the GPU, in the first epoch or the shared phase."""
+    for the GPU, in the first epoch or the shared phase, except FNGD's batched first epoch's one read
+    per backward (its kept-token counts, which drop the padding from the Gram)."""
+    reads = []
+    original = FNGD._host_counts
+
+    def allowed_read(counts):
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return original(counts)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+            reads.append(len(counts))
+
+    monkeypatch.setattr(FNGD, "_host_counts", staticmethod(allowed_read))
     model = ref.tiny_seq2seq("marian", seed=0).to("cuda")
     opt = optimizer_class(model, lr=1e-2, damping=0.1, steps_per_epoch=2)
     for step in range(5):  # steps 0-1 compute coefficients, 2-4 reuse them
@@ -75,6 +89,8 @@ def test_backward_adds_no_host_sync_on_gpu(optimizer_class):
         opt.step()  # its one host sync: the finiteness and factorisation check
         opt.zero_grad()
     assert opt.skipped_steps == 0 and opt.global_step == 5
+    # One read in each first-epoch backward (steps 0 and 1), for both padded lengths (source, target).
+    assert reads == ([2, 2] if optimizer_class is FNGD else [])
 
 
 def test_bf16_autocast_keeps_statistics_in_float32():

@@ -376,7 +376,7 @@ def test_batched_first_epoch_trains_exactly_like_the_per_layer_one(tmp_path, sha
     gradient accumulation, sharing, the trust region, the logged direction norm."""
     batched = []
     original = FNGD._batched_layer_gradients
-    monkeypatch.setattr(FNGD, "_batched_layer_gradients", lambda self, e: (batched.append(len(e)), original(self, e))[1])
+    monkeypatch.setattr(FNGD, "_batched_layer_gradients", lambda self, e, *a: (batched.append(len(e)), original(self, e, *a))[1])
     runs = {}
     for flag in ("false", "true"):
         args = make_args(tmp_path / flag, max_steps=12, gradient_accumulation_steps=2, fngd_share_by=share_by,

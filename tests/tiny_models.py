@@ -43,9 +43,9 @@ def spy_batches(opt):
     calls = []
     original = opt._batched_layer_gradients
 
-    def spy(entries):
+    def spy(entries, *args):
         calls.append(len(entries))
-        return original(entries)
+        return original(entries, *args)
 
     opt._batched_layer_gradients = spy
     return calls
