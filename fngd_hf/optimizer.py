@@ -105,7 +105,8 @@ class FNGD(LayerwiseOptimizer):
     ``create_graph``, ``torch.distributed`` (DDP needs each gradient as it is made), parameters with
     gradient hooks, ``gram_path="per_sample"`` and CW-NGD keep the per-layer path; a backward that
     raises leaves its staged layers unapplied. The batched maths leave out each shape's padding tokens
-    (zero output gradient in all its layers), with one host read per backward. ``"auto"`` = on GPUs,
+    (zero output gradient in all its layers), with one host read per backward (per round, when a
+    reentrant checkpoint or the memory budget splits it into rounds). ``"auto"`` = on GPUs,
     where a step is bound by kernel launches; off on CPUs, where the arithmetic bounds it and the
     per-layer path picks the cheaper Gram for each layer).
     """
@@ -477,26 +478,29 @@ class FNGD(LayerwiseOptimizer):
     def _kept_tokens(stacks: list[tuple]) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
         """Per (B, T, device) where some tokens have a zero output gradient in every layer of that shape
         (padding, ``-100`` labels): the flat indices of the others and their sample indices. Padding costs
-        N² in the token Gram for nothing. The counts come in one host read for all shapes: one sync per
-        backward (one per group would each wait for the groups before it)."""
+        N² in the token Gram for nothing. The counts come in one host read for all shapes (per device):
+        one sync per batched round, i.e. per backward unless a reentrant checkpoint or the memory budget
+        splits it (one per group would each wait for the groups before it)."""
         masks: dict[tuple, torch.Tensor] = {}
         for _, x, delta in stacks:
             if x.shape[2] > 1:
                 key = (x.shape[1], x.shape[2], x.device)
                 keep = F.stacked_kept_tokens(delta)
                 masks[key] = keep if key not in masks else masks[key].logical_or_(keep)
-        if not masks:
-            return {}
+        by_device: dict[torch.device, list[tuple]] = {}
+        for key in masks:
+            by_device.setdefault(key[2], []).append(key)
         kept = {}
-        for (key, mask), count in zip(masks.items(), FNGD._host_counts([mask.sum() for mask in masks.values()])):
-            if count < mask.shape[0]:
-                index = _nonzero(mask, count)
-                kept[key] = (index, index // key[1])
+        for keys in by_device.values():  # a model spread over devices reads each device's counts
+            for key, count in zip(keys, FNGD._host_counts([masks[key].sum() for key in keys])):
+                if count < masks[key].shape[0]:
+                    index = _nonzero(masks[key], count)
+                    kept[key] = (index, index // key[1])
         return kept
 
     @staticmethod
     def _host_counts(counts: list[torch.Tensor]) -> list[int]:
-        return torch.stack(counts).tolist()  # the batched first epoch's one host read per backward
+        return torch.stack(counts).tolist()  # the batched first epoch's one host read per round
 
     def _batched_layer_gradients(self, entries: list[_DeferredLayer], x: torch.Tensor, delta: torch.Tensor,
                                  batch: int, sample: torch.Tensor | None, membership: torch.Tensor | None) -> None:

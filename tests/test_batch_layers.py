@@ -431,3 +431,23 @@ def test_batched_zero_output_gradient_gives_a_zero_update():
     assert opt.skipped_steps == 0
     for name, m in opt.managed_modules.items():
         assert torch.equal(m.weight, before[name]), name
+
+
+def test_kept_token_counts_are_read_once_per_device(monkeypatch):
+    """A model spread over devices: each device's counts are stacked and read on their own (a stack
+    across devices would raise inside the backward). 'meta' stands in for a second device."""
+    reads = []
+
+    def fake_read(counts):  # meta tensors hold no numbers: say two tokens are kept everywhere
+        reads.append({count.device.type for count in counts})
+        return [2] * len(counts)
+
+    monkeypatch.setattr(FNGD, "_host_counts", staticmethod(fake_read))
+
+    def group(device, length):
+        return [], torch.zeros(1, 2, length, 4, device=device), torch.zeros(1, 2, length, 5, device=device)
+
+    kept = FNGD._kept_tokens([group("cpu", 3), group("meta", 3), group("cpu", 4)])
+    assert reads == [{"cpu"}, {"meta"}]  # one read per device, covering both cpu shapes
+    assert sorted((key[1], key[2].type) for key in kept) == [(3, "cpu"), (3, "meta"), (4, "cpu")]
+    assert all(index.shape == (2,) for index, _ in kept.values())
