@@ -435,27 +435,33 @@ class FNGD(LayerwiseOptimizer):
         with torch.no_grad(), torch.autocast(entries[0].x.device.type, enabled=False):
             stacks = self._stack_equal_layers(entries)
             kept = self._kept_tokens(stacks) if self._drop_zero_tokens else {}
-            memberships = {}
+            memberships: dict[tuple, torch.Tensor] = {}  # one per shape and statistics dtype
             stacks.reverse()
             while stacks:
                 members, x, delta = stacks.pop()  # each group's stacks go once it is done
-                layers, batch, length, in_features = x.shape
-                sample = membership = None
-                rows = batch * length
-                if (batch, length, x.device) in kept:
-                    tokens, sample = kept[(batch, length, x.device)]
-                    x = x.flatten(1, 2).index_select(1, tokens)
-                    delta = delta.flatten(1, 2).index_select(1, tokens)
-                    membership_key = (batch, length, x.device, self._stat_dtype_for(delta.dtype))
-                    if membership_key not in memberships:
-                        memberships[membership_key] = F.sample_membership(sample, batch, membership_key[-1])
-                    membership, rows = memberships[membership_key], tokens.shape[0]
-                per_layer = 2 * rows * rows + rows * (in_features + delta.shape[-1])
+                batch = x.shape[1]
+                x, delta, sample, membership = self._select_kept_tokens(x, delta, kept, memberships)
+                rows = x.shape[1] * (x.shape[2] if sample is None else 1)
+                per_layer = 2 * rows * rows + rows * (x.shape[-1] + delta.shape[-1])
                 size = max(1, _BATCHED_MAX_ELEMENTS // max(1, per_layer))
-                for start in range(0, layers, size):
+                for start in range(0, len(members), size):
                     chunk = slice(start, start + size)
                     self._batched_layer_gradients(members[chunk], x[chunk], delta[chunk], batch, sample, membership)
                 del members, x, delta
+
+    def _select_kept_tokens(self, x: torch.Tensor, delta: torch.Tensor, kept: dict, memberships: dict):
+        """``(x, delta, sample, membership)``: the stacks (L, B, T, ·) as they are with ``None, None`` where
+        their shape keeps every token, else their kept tokens (L, N, ·), each token's sample index and the
+        one-hot ``membership`` (N, B) that sums token Gram entries by sample."""
+        _, batch, length, _ = x.shape
+        if (batch, length, x.device) not in kept:
+            return x, delta, None, None
+        tokens, sample = kept[(batch, length, x.device)]
+        key = (batch, length, x.device, self._stat_dtype_for(delta.dtype))
+        if key not in memberships:
+            memberships[key] = F.sample_membership(sample, batch, key[-1])
+        x, delta = (t.flatten(1, 2).index_select(1, tokens) for t in (x, delta))
+        return x, delta, sample, memberships[key]
 
     @staticmethod
     def _stack_equal_layers(entries: list[_DeferredLayer]) -> list[tuple[list[_DeferredLayer], torch.Tensor, torch.Tensor]]:
