@@ -267,12 +267,14 @@ def count_ops(model, opt, batch, device, bf16):
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    def counted_read(counts, original=FNGD._host_counts):  # .tolist() does not go through the dispatcher
+    original = FNGD._host_counts
+
+    def counted_read(counts):  # .tolist() does not go through the dispatcher
         Counter.host_reads += 1
         return original(counts)
 
     flops = FlopCounterMode(display=False)
-    original, FNGD._host_counts = FNGD._host_counts, staticmethod(counted_read)
+    FNGD._host_counts = staticmethod(counted_read)
     try:
         with Counter(), flops:
             train_step(model, opt, batch, device, bf16)

@@ -58,7 +58,7 @@ def kept_tokens(x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, tor
     batch, tokens = x.shape[:2]
     flat_x = x.reshape(batch * tokens, x.shape[-1])
     flat_delta = delta.reshape(batch * tokens, delta.shape[-1])
-    index = flat_delta.ne(0).any(dim=1).nonzero().squeeze(1)
+    index = stacked_kept_tokens(delta.unsqueeze(0)).nonzero().squeeze(1)  # one layer of the batched path's rule
     return flat_x.index_select(0, index), flat_delta.index_select(0, index), index // tokens
 
 
