@@ -246,7 +246,8 @@ def emulate_gpu_code_path():
 
 def count_ops(model, opt, batch, device, bf16):
     """``{"ops": aten operators that are not views, "host_reads": _local_scalar_dense calls and FNGD's count
-    reads, "gflop": matmul FLOPs (torch.utils.flop_counter)}`` in one step.
+    reads, "gflop": matmul FLOPs (torch.utils.flop_counter), "held_mib": the most inputs and output gradients
+    the batched first epoch held at one round}`` in one step.
 
     On a GPU each operator is (at least) one kernel launch, and a step at this size is bound by
     the host, so this counts what a step costs there beyond its arithmetic; a host read is a
@@ -273,6 +274,18 @@ def count_ops(model, opt, batch, device, bf16):
         Counter.host_reads += 1
         return original(counts)
 
+    # The batched first epoch's inputs and output gradients held at each round, as its 1 GiB budget counts them.
+    held_bytes = [0]
+    if isinstance(opt, FNGD):
+        flush = opt._flush_deferred
+
+        def measured_flush(task):
+            entries = opt._deferred.get(task, ())
+            held = sum(t.numel() * t.element_size() for e in entries for t in (e.x, e.delta))
+            held_bytes[0] = max(held_bytes[0], held)
+            return flush(task)
+
+        opt._flush_deferred = measured_flush
     flops = FlopCounterMode(display=False)
     FNGD._host_counts = staticmethod(counted_read)
     try:
@@ -280,7 +293,10 @@ def count_ops(model, opt, batch, device, bf16):
             train_step(model, opt, batch, device, bf16)
     finally:
         FNGD._host_counts = staticmethod(original)
-    return dict(ops_per_step=Counter.ops, host_reads_per_step=Counter.host_reads, gflop_per_step=flops.get_total_flops() / 1e9)
+        if isinstance(opt, FNGD):
+            del opt._flush_deferred
+    return dict(ops_per_step=Counter.ops, host_reads_per_step=Counter.host_reads,
+                gflop_per_step=flops.get_total_flops() / 1e9, held_mib=held_bytes[0] / 2**20)
 
 
 def measure(methods, base_model, batches, args, device):
@@ -370,12 +386,13 @@ def count_only(methods, base_model, batches, args, device):
 
 def print_counts(results, reference="adamw", out=sys.stdout):
     ref = results.get(reference, {})
-    print(f"{'method':<22}{'ops':>7}{'x ops':>7}{'reads':>7}{'GFLOP':>9}{'x flop':>8}", file=out)
+    print(f"{'method':<22}{'ops':>7}{'x ops':>7}{'reads':>7}{'GFLOP':>9}{'x flop':>8}{'held MiB':>9}", file=out)
     for method, r in results.items():
         line = f"{method:<22}{r['ops_per_step']:>7}"
         line += f"{r['ops_per_step'] / ref['ops_per_step']:>6.2f}x" if ref else f"{'':>7}"
         line += f"{r['host_reads_per_step']:>7}{r['gflop_per_step']:>9.1f}"
-        line += f"{r['gflop_per_step'] / ref['gflop_per_step']:>7.2f}x" if ref else ""
+        line += f"{r['gflop_per_step'] / ref['gflop_per_step']:>7.2f}x" if ref else f"{'':>8}"
+        line += f"{r['held_mib']:>9.0f}"
         print(line, file=out)
 
 
