@@ -1,5 +1,6 @@
 """fngd_hf: inverse-free fast natural gradient descent for Hugging Face Transformers."""
 
+from .accelerator import attach_accelerator
 from .layers import select_modules
 from .cwngd import CWNGD
 from .kfac import KFAC
@@ -8,5 +9,6 @@ from .sngd import SNGD
 from .trainer import FNGDTrainer, FNGDTrainingArguments
 from .translate import TranslationPipeline  # registers pipeline("translation") on transformers 5
 
-__all__ = ["CWNGD", "FNGD", "KFAC", "SNGD", "FNGDTrainer", "FNGDTrainingArguments", "TranslationPipeline", "select_modules"]
+__all__ = ["CWNGD", "FNGD", "KFAC", "SNGD", "FNGDTrainer", "FNGDTrainingArguments", "TranslationPipeline",
+           "attach_accelerator", "select_modules"]
 __version__ = "0.1.0"

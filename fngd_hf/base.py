@@ -25,6 +25,10 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def _process_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or int(value) != value or value < 1:
         raise ValueError(f"Invalid {name}: {value} (a positive integer)")
@@ -149,6 +153,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._trust_clipped: torch.Tensor | float = 0.0  # sum over steps of the share of layers the trust region shrank
         self._trust_steps = 0
         self._owner_index_cache: tuple | None = None  # (key, (owner index, elements per layer)) on the device
+        self._restore_after_load: dict | None = None  # this rank's own statistics for the next load_state_dict
         self._layers: list[CapturedLayer] = [
             attach(name, module, self._layer_gradient, lambda: self._capture_enabled)
             for name, module in modules.items()
@@ -238,6 +243,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _extra_state(self) -> dict:
         return {}
+
+    def _forget_cached_state(self) -> None:
+        """Drop host-side copies of optimizer state (the state was just replaced)."""
 
     def _load_extra_state(self, extra: dict) -> None:
         pass
@@ -439,6 +447,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     # -------------------------------------------------------------------------- state dict
     # Per-layer statistics whose dtype must survive torch.optim's cast to the parameter dtype.
     _float32_state_keys: tuple[str, ...] = ()
+    # Whether those differ between DDP ranks (each rank's own micro-batches; K-FAC all-reduces its own).
+    _rank_local_state = True
+
+    def _holds_rank_local_state(self) -> bool:
+        keys = self._float32_state_keys
+        return self._rank_local_state and any(key in state for state in self.state.values() for key in keys)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -446,6 +460,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
             "gradient_accumulation_steps": self._accumulation,
+            "process_rank": _process_rank(),  # whose rank-local statistics these are
             **self._extra_state(),
         }
         return state
@@ -468,3 +483,20 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self.skipped_steps = int(extra["skipped_steps"])
             self.gradient_accumulation_steps = extra.get("gradient_accumulation_steps", 1)
             self._load_extra_state(extra)
+        self._forget_cached_state()
+        # This rank's own statistics, read from its rank file before the main rank's optimizer state was
+        # loaded (FNGDTrainer, fngd_hf.attach_accelerator): they replace the main rank's now.
+        own, self._restore_after_load = self._restore_after_load, None
+        if own is not None:
+            from .checkpointing import restore_rank_state
+
+            restore_rank_state(self, own)
+        elif extra is not None and extra.get("process_rank", 0) != _process_rank() and self._holds_rank_local_state():
+            warnings.warn(
+                f"rank {_process_rank()} loaded the optimizer state saved by rank {extra.get('process_rank', 0)}, so it "
+                f"continues with that rank's {type(self).__name__} statistics and the run differs from the saved "
+                f"one. FNGDTrainer keeps each rank's own (fngd_coefficients_rank{{r}}.pt); in an accelerate loop call "
+                f"fngd_hf.attach_accelerator(accelerator, optimizer) before save_state()/load_state().",
+                RuntimeWarning,
+                stacklevel=2,
+            )

@@ -27,6 +27,10 @@ _BATCHED_MAX_ELEMENTS = 1 << 27
 # Inputs and output gradients a backward holds for the batched maths before it does the layers held
 # so far (a large model then batches in rounds instead of keeping every layer's tensors).
 _DEFERRED_MAX_BYTES = 1 << 30
+# How each micro-batch loss of an accumulated step was divided: by the micro-batches the step really had
+# (so they sum to the whole step's loss: FNGDTrainer, `loss / len(window)`), or always by
+# gradient_accumulation_steps (accelerate's `accelerator.backward`, also in an epoch's shorter last window).
+_LOSS_DIVISORS = ("micro_batches", "gradient_accumulation_steps")
 # The batched path asks the autograd engine which backward is running and whether it writes .grad
 # (private torch API, as DDP and FSDP use it); a torch without it keeps the per-layer path.
 _ENGINE_QUERIES = all(hasattr(torch._C, name) for name in ("_current_graph_task_id", "_will_engine_execute_node")) \
@@ -108,7 +112,11 @@ class FNGD(LayerwiseOptimizer):
     (zero output gradient in all its layers), with one host read per backward (per round, when a
     reentrant checkpoint or the memory budget splits it into rounds). ``"auto"`` = on GPUs,
     where a step is bound by kernel launches; off on CPUs, where the arithmetic bounds it and the
-    per-layer path picks the cheaper Gram for each layer).
+    per-layer path picks the cheaper Gram for each layer), ``loss_divided_by`` (how each micro-batch
+    loss of an accumulated step was divided: ``"micro_batches"``, by the number the step really had,
+    so they sum to the step's loss, as ``FNGDTrainer`` does; ``"gradient_accumulation_steps"``, always
+    by that number, as ``accelerator.backward`` does even in an epoch's shorter last window;
+    :func:`fngd_hf.attach_accelerator` sets it).
     """
 
     # The batched path drops tokens whose output gradient is zero in every layer of a group (one host
@@ -142,6 +150,7 @@ class FNGD(LayerwiseOptimizer):
         share_by: str = "position",
         solve_check: str = "auto",
         batch_layers: bool | str = "auto",
+        loss_divided_by: str = "micro_batches",
     ):
         if not damping > 0.0:
             raise ValueError(f"Invalid damping: {damping} (must be > 0)")
@@ -165,6 +174,8 @@ class FNGD(LayerwiseOptimizer):
             raise ValueError(f"Invalid solve_check: {solve_check!r} (expected 'auto', 'per_layer' or 'per_step')")
         if batch_layers not in ("auto", True, False):
             raise ValueError(f"Invalid batch_layers: {batch_layers!r} (expected 'auto', True or False)")
+        if loss_divided_by not in _LOSS_DIVISORS:
+            raise ValueError(f"Invalid loss_divided_by: {loss_divided_by!r} (expected one of {_LOSS_DIVISORS})")
         self.steps_per_epoch = steps_per_epoch  # validates before any layer is captured
         super().__init__(
             model,
@@ -189,6 +200,7 @@ class FNGD(LayerwiseOptimizer):
         self.share_by = share_by
         self.solve_check = solve_check
         self.batch_layers = batch_layers
+        self.loss_divided_by = loss_divided_by
         # Layers waiting for the batched maths, per autograd graph task (a backward; a reentrant
         # checkpoint's backward runs inside another): each task's end runs its own.
         self._deferred: dict[int, list[_DeferredLayer]] = {}
@@ -638,6 +650,10 @@ class FNGD(LayerwiseOptimizer):
         observed, declared = layer.micro_batches, self._accumulation
         if observed in (0, declared):
             return 1.0
+        if self.loss_divided_by == "gradient_accumulation_steps":
+            # Each micro-batch loss was divided by `declared` (accelerator.backward, also in an epoch's shorter
+            # last window), as the per-sample scale assumed: every d_m is exact, only the average is short.
+            return declared / observed
         relative = group["damping_mode"] == "relative"
         if not self._fixed_accumulation_warned:
             self._fixed_accumulation_warned = True
@@ -650,7 +666,9 @@ class FNGD(LayerwiseOptimizer):
             warnings.warn(
                 f"{type(self).__name__} saw {observed} backward passes before step() but "
                 f"gradient_accumulation_steps={declared}: {consequence}. Set "
-                f"gradient_accumulation_steps={observed} for the exact average.",
+                f"gradient_accumulation_steps={observed} for the exact average (in an accelerate loop, "
+                f"call fngd_hf.attach_accelerator(accelerator, optimizer), since accelerator.backward divides "
+                f"every micro-batch loss by its gradient_accumulation_steps).",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -909,6 +927,14 @@ class FNGD(LayerwiseOptimizer):
             "incomplete_layers": sorted(self._incomplete_layers),
         }
 
+    def _holds_rank_local_state(self) -> bool:
+        # Sharing by sample gathers every rank's samples: the banks are the same on every rank.
+        return self.share_coefficients and self.share_by == "position" and super()._holds_rank_local_state()
+
+    def _forget_cached_state(self) -> None:
+        self._host_sizes.clear()
+        self._bank_stack = None  # loaded or restored banks replace the stacked one
+
     def _load_extra_state(self, extra: dict) -> None:
         for key, current in (("share_coefficients", self.share_coefficients), ("share_by", self.share_by),
                              ("scale_mode", self.scale_mode)):
@@ -919,8 +945,6 @@ class FNGD(LayerwiseOptimizer):
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        self._host_sizes.clear()
-        self._bank_stack = None  # the loaded banks replace the stacked one
         self._solve_check_fell_back = bool(extra.get("solve_check_fell_back", False))
         self._sample_index = SampleIndex(extra.get("sample_ids"))
         self._incomplete_layers = set(extra.get("incomplete_layers", ()))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ast
 import logging
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -31,6 +30,7 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.trainer_utils import has_length
 
 from .base import LayerwiseOptimizer
+from .checkpointing import restore_on_load, save_rank_state
 from .cwngd import CWNGD
 from .kfac import KFAC
 from .optimizer import FNGD
@@ -52,7 +52,6 @@ LAYERWISE = ("fngd", "ngd", "cwngd", "kfac", "sngd")
 STAT_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 BATCH_LAYERS = {"auto": "auto", "true": True, "false": False}
 SGD_MOMENTUM = 0.9
-_RANK_BANK_FILE = "fngd_coefficients_rank{rank}.pt"
 
 
 def parse_optim_args(text: str | None) -> dict:
@@ -564,17 +563,17 @@ class FNGDTrainer(Seq2SeqTrainer):
         opt = self.fngd_optimizer
         if opt is None or self.args.world_size <= 1:
             return  # optimizer.pt already holds the only bank
-        os.makedirs(output_dir, exist_ok=True)
-        torch.save(_local_banks(opt), os.path.join(output_dir, _RANK_BANK_FILE.format(rank=self.args.process_index)))
+        save_rank_state(opt, output_dir, self.args.process_index)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
         opt = self.fngd_optimizer
-        if checkpoint is None or opt is None:
-            return
-        path = os.path.join(checkpoint, _RANK_BANK_FILE.format(rank=self.args.process_index))
-        if self.args.world_size > 1 and os.path.isfile(path):
-            _restore_banks(opt, torch.load(path, map_location="cpu", weights_only=True))
+        if checkpoint is not None and opt is not None and self.args.world_size > 1:
+            restore_on_load(opt, checkpoint, self.args.process_index)  # after optimizer.pt, the main rank's
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            if opt is not None:
+                opt._restore_after_load = None
 
 
 def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -591,22 +590,3 @@ def _batch_sample_keys(inputs) -> torch.Tensor:
     labels = inputs.get("labels")
     labels = labels if isinstance(labels, torch.Tensor) and labels.dim() == 2 else None
     return sample_keys(input_ids, labels, masks=(inputs.get("attention_mask"), None))
-
-
-def _local_banks(opt: FNGD) -> dict[int, dict[str, torch.Tensor]]:
-    """This rank's own statistics (FNGD's coefficient bank, SNGD's factors), keyed by parameter index."""
-    keys = opt._float32_state_keys
-    params = [p for group in opt.param_groups for p in group["params"]]
-    return {
-        index: {key: opt.state[p][key] for key in keys if key in opt.state.get(p, {})}
-        for index, p in enumerate(params)
-        if any(key in opt.state.get(p, {}) for key in keys)
-    }
-
-
-def _restore_banks(opt: FNGD, banks: dict[int, dict[str, torch.Tensor]]) -> None:
-    params = [p for group in opt.param_groups for p in group["params"]]
-    for index, saved in banks.items():
-        param = params[int(index)]
-        for key, value in saved.items():
-            opt.state[param][key] = value.to(param.device)

@@ -4,9 +4,10 @@
 
 (without ACCELERATE_USE_CPU=1 both processes silently run as rank 0 of 1.) Trains a tiny BART for
 3 epochs (GA 2, sharing on, checkpoints every 2 steps), then resumes a second trainer from a
-checkpoint in the shared phase, then trains once more with ``fngd_share_by="sample"``. Each rank
-writes ``OUT_DIR/rank{r}.json``: world size, losses, SHA-256 digests of its final parameters and
-checksums of its coefficient banks.
+checkpoint in the shared phase, then trains once more with ``fngd_share_by="sample"``. Then the same
+without the Trainer, in a plain accelerate loop (``accelerator.save_state``/``load_state``), resumed with
+and without ``attach_accelerator``. Each rank writes ``OUT_DIR/rank{r}.json``: world size, losses, SHA-256
+digests of its final parameters and checksums of its coefficient banks.
 """
 
 import hashlib
@@ -14,8 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+import warnings
+
 import torch
 import tiny_models
+from fngd_hf import FNGD, attach_accelerator
 from fngd_hf.trainer import FNGDTrainer, FNGDTrainingArguments
 
 
@@ -55,6 +59,39 @@ def run(out: Path, resume: str | None = None, **overrides) -> FNGDTrainer:
     return trainer
 
 
+def accelerate_loop(checkpoint: Path, keep: bool, resume: bool) -> tuple[str, list[str]]:
+    """FNGD in a plain accelerate loop: 2 epochs of 8 steps per rank, saved after step 11 (in the shared
+    phase); ``resume``: a fresh model, optimizer and accelerator load that and do steps 12-16. Returns the
+    parameters' digest and the warnings raised."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_bart()
+    opt = FNGD(model, lr=1e-2)
+    loader = torch.utils.data.DataLoader(CopyTask(32), batch_size=2)  # no shuffling: the same order on resume
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    opt.optimizer.steps_per_epoch = len(loader)  # per rank, after prepare
+    handle = attach_accelerator(accelerator, opt) if keep else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if resume:
+            accelerator.load_state(str(checkpoint))
+        done = 0
+        for _ in range(2):
+            for batch in loader:
+                done += 1
+                if resume and done <= 11:
+                    continue  # the checkpoint's steps
+                accelerator.backward(model(**batch).loss)
+                opt.step()
+                opt.zero_grad()
+                if done == 11 and not resume:
+                    accelerator.save_state(str(checkpoint))
+    if handle is not None:
+        handle.remove()
+    return digest(accelerator.unwrap_model(model)), [str(w.message) for w in caught]
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     full = run(out)
@@ -67,7 +104,17 @@ def main() -> None:
     by_sample = run(out / "by_sample", fngd_share_by="sample", save_strategy="no")
     sample_opt = by_sample.fngd_optimizer
     sample_bank = sum(float(s["coef_sample"].double().sum()) for s in sample_opt.state.values() if "coef_sample" in s)
+    checkpoint = out / "accelerate_checkpoint"
+    loop_params, _ = accelerate_loop(checkpoint, keep=True, resume=False)
+    loop_resumed, loop_warnings = accelerate_loop(checkpoint, keep=True, resume=True)
+    loop_unkept, unkept_warnings = accelerate_loop(checkpoint, keep=False, resume=True)
     record = {
+        "accelerate_params": loop_params,
+        "accelerate_resumed_params": loop_resumed,
+        "accelerate_resumed_warnings": loop_warnings,
+        "accelerate_unkept_params": loop_unkept,
+        "accelerate_unkept_warnings": unkept_warnings,
+        "accelerate_rank_files": sorted(p.name for p in checkpoint.glob("fngd_coefficients_rank*.pt")),
         "world_size": state.num_processes,
         "rank": state.process_index,
         "backend": str(torch.distributed.get_backend()) if torch.distributed.is_initialized() else None,

@@ -47,6 +47,16 @@ def test_two_rank_ddp_training(tmp_path):
     assert ranks[0]["by_sample_rows"] == ranks[1]["by_sample_rows"] == 32
     assert ranks[0]["by_sample_bank_checksum"] == ranks[1]["by_sample_bank_checksum"]
     assert ranks[0]["by_sample_fresh_fraction"][-1] == 0.0  # samples seen on the other rank are shared too
+    # A plain accelerate loop: accelerator.save_state() writes the optimizer from the main rank only. With
+    # attach_accelerator each rank also writes and restores its own bank, and resuming is exact...
+    assert ranks[0]["accelerate_rank_files"] == ["fngd_coefficients_rank0.pt", "fngd_coefficients_rank1.pt"]
+    for record in ranks:
+        assert record["accelerate_resumed_params"] == record["accelerate_params"] == ranks[0]["accelerate_params"]
+        assert not [w for w in record["accelerate_resumed_warnings"] if "rank" in w]
+    # ... without it rank 1 continues with rank 0's bank: a different run, and rank 1 says so.
+    assert ranks[0]["accelerate_unkept_params"] == ranks[1]["accelerate_unkept_params"] != ranks[0]["accelerate_params"]
+    assert not [w for w in ranks[0]["accelerate_unkept_warnings"] if "loaded the optimizer state saved by" in w]
+    assert [w for w in ranks[1]["accelerate_unkept_warnings"] if "loaded the optimizer state saved by rank 0" in w]
 
 
 SAMPLE_WORKER = r"""
