@@ -92,7 +92,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         group_options: dict,
     ):
         if not isinstance(model, nn.Module):
-            raise TypeError(f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}: it finds the "
+                f"layers to manage itself. With a Trainer pass optimizers=({type(self).__name__}(model, ...), None) "
+                f"(optimizer_cls_and_kwargs hands an optimizer only the parameters) or use FNGDTrainer."
+            )
         if not lr > 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -173,6 +177,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     @property
     def managed_modules(self) -> dict[str, nn.Module]:
         return {layer.name: layer.module for layer in self._layers}
+
+    def adamw_parameters(self) -> list[nn.Parameter]:
+        """The parameters AdamW updates: the ones whose ``.grad`` is an ordinary gradient (e.g. for
+        ``accelerator.clip_grad_norm_``; the managed layers' ``.grad`` is the natural-gradient direction)."""
+        return [p for group in self.param_groups if not group["fngd"] for p in group["params"]]
 
     def train(self, mode: bool = True) -> "LayerwiseOptimizer":
         """Capture on (HF Trainer and accelerate call this before training steps)."""

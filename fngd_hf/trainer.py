@@ -483,7 +483,7 @@ class FNGDTrainer(Seq2SeqTrainer):
     def _fngd_split(self):
         opt = self.fngd_optimizer
         fngd = [p for g in opt.param_groups if g["fngd"] for p in g["params"] if p.grad is not None]
-        plain = [p for g in opt.param_groups if not g["fngd"] for p in g["params"] if p.grad is not None]
+        plain = [p for p in opt.adamw_parameters() if p.grad is not None]
         return fngd, plain
 
     def _clip_grad_norm(self, model):

@@ -756,3 +756,17 @@ def test_trust_region_bounds_a_zero_initialised_layer_by_the_others_rms_weight()
     moved = float(torch.cat([model[3].weight.detach().flatten(), model[3].bias.detach()]).norm())
     assert moved == pytest.approx(lr * bound, rel=1e-5)
     assert opt.diagnostics()["fngd/trust_clipped"] == 0.5  # the zero layer, not layer 0 (its d is 0)
+
+
+# ------------------------------------------------------------------------------ ergonomics
+def test_adamw_parameters_are_the_unmanaged_ones():
+    model = make_mlp()
+    opt = FNGD(model, lr=0.01)
+    managed = {id(p) for m in opt.managed_modules.values() for p in m.parameters()}
+    assert {id(p) for p in opt.adamw_parameters()} == {id(p) for p in model.parameters()} - managed
+    assert {id(p) for p in opt.adamw_parameters()} == {id(model[2].weight), id(model[2].bias)}  # the LayerNorm
+
+
+def test_parameters_instead_of_the_model_is_a_clear_error():
+    with pytest.raises(TypeError, match=r"takes the model .* optimizers=\(FNGD\(model, \.\.\.\), None\)"):
+        FNGD(make_mlp().parameters(), lr=0.01)
