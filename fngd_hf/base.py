@@ -456,12 +456,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     # -------------------------------------------------------------------------- state dict
     # Per-layer statistics whose dtype must survive torch.optim's cast to the parameter dtype.
     _float32_state_keys: tuple[str, ...] = ()
-    # Whether those differ between DDP ranks (each rank's own micro-batches; K-FAC all-reduces its own).
-    _rank_local_state = True
 
     def _holds_rank_local_state(self) -> bool:
+        """Whether this rank holds statistics of its own (from its own micro-batches) that other ranks lack."""
         keys = self._float32_state_keys
-        return self._rank_local_state and any(key in state for state in self.state.values() for key in keys)
+        return any(key in state for state in self.state.values() for key in keys)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -482,24 +481,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         kept = {i: {k: v[k] for k in keep if k in v} for i, v in state_dict["state"].items()}
         state_dict["state"] = {i: {k: x for k, x in v.items() if k not in keep} for i, v in state_dict["state"].items()}
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, saved in kept.items():
-            for key, value in saved.items():
-                param = params[int(index)]
-                self.state[param][key] = value.to(param.device)
+        self._put_statistics(kept)
         if extra is not None:
             self.global_step = int(extra["global_step"])
             self.skipped_steps = int(extra["skipped_steps"])
             self.gradient_accumulation_steps = extra.get("gradient_accumulation_steps", 1)
             self._load_extra_state(extra)
-        self._forget_cached_state()
         # This rank's own statistics, read from its rank file before the main rank's optimizer state was
         # loaded (FNGDTrainer, fngd_hf.attach_accelerator): they replace the main rank's now.
         own, self._restore_after_load = self._restore_after_load, None
         if own is not None:
-            from .checkpointing import restore_rank_state
-
-            restore_rank_state(self, own)
+            self._put_statistics(own)
         elif extra is not None and extra.get("process_rank", 0) != _process_rank() and self._holds_rank_local_state():
             warnings.warn(
                 f"rank {_process_rank()} loaded the optimizer state saved by rank {extra.get('process_rank', 0)}, so it "
@@ -509,3 +501,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=2,
             )
+        self._forget_cached_state()
+
+    def _put_statistics(self, saved: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Write ``{parameter index: {key: tensor}}`` statistics into the state, each on its parameter's device."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        if any(int(index) >= len(params) for index in saved):
+            raise ValueError(
+                f"the saved statistics name parameter {max(int(i) for i in saved)}, but this optimizer has "
+                f"{len(params)} parameters: they were saved for another model or another target_modules"
+            )
+        for index, tensors in saved.items():
+            param = params[int(index)]
+            for key, value in tensors.items():
+                self.state[param][key] = value.to(param.device)

@@ -44,16 +44,7 @@ def rank_state(optimizer: LayerwiseOptimizer) -> dict[int, dict[str, torch.Tenso
 
 def restore_rank_state(optimizer: LayerwiseOptimizer, saved: dict[int, dict[str, torch.Tensor]]) -> None:
     """Put :func:`rank_state`'s result back (after ``load_state_dict``, which brought the main rank's)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if any(int(index) >= len(params) for index in saved):
-        raise ValueError(
-            f"the saved rank state names parameter {max(int(i) for i in saved)}, but this optimizer has "
-            f"{len(params)} parameters: it was saved for another model or another target_modules"
-        )
-    for index, tensors in saved.items():
-        param = params[int(index)]
-        for key, value in tensors.items():
-            optimizer.state[param][key] = value.to(param.device)
+    optimizer._put_statistics(saved)
     optimizer._forget_cached_state()
 
 

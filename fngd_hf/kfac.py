@@ -106,7 +106,9 @@ class KFAC(LayerwiseOptimizer):
 
     name = "kfac"
     _float32_state_keys = ("kfac_A", "kfac_G") + _EIGEN_KEYS + _CHOLESKY_KEYS
-    _rank_local_state = False  # factors are all-reduced: every rank holds the same
+
+    def _holds_rank_local_state(self) -> bool:
+        return False  # the factors are all-reduced: every rank holds the same
 
     def __init__(
         self,
