@@ -10,7 +10,17 @@ check), validation BLEU and the training wall clock (evaluation excluded); at th
 chrF on every test set. Writes ``curves.json`` and ``curves.png`` (loss and BLEU against epoch
 and against seconds) into ``--out``, and prints a table. ``--methods adamw:1e-3,adamw:3e-3,fngd:1e-2,fngd:1e-2:refreshed+damping1``
 picks methods, learning rates and variants (``VARIANT_FLAGS``, combined with ``+``); a small sweep is one method listed
-with several rates. Runs accumulate in ``curves.json`` across invocations (``--fresh`` starts over).
+with several rates. ``fngd:1e-2/2e-3`` also sets the rate of the AdamW part of a hybrid method (embeddings, LayerNorm,
+output head: ``--fngd_adamw_lr``). ``--seed 0,1,2`` runs every method once per seed. Runs accumulate in ``curves.json``
+across invocations (``--fresh`` starts over).
+
+``--results docs/results/full_multi30k.json`` also scores each finished run's saved model on the whole test-2016
+set with beam 4 (``benchmarks/rescore.py``) and writes one record per run into that file as soon as the run ends
+(same method, rates, variant and seed: replaced), in the format of ``RESULT_FIELDS``; ``command`` there is the
+recipe command with repo-relative paths (``OUT/<run>`` for the output folder). Runs recorded earlier in a
+``curves.json`` folder land there with ``--import-curves FOLDER`` (no training)::
+
+    python benchmarks/convergence.py --results docs/results/full_multi30k.json --import-curves docs/convergence_cpu_full
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ import json
 import math
 import os
 import platform
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -65,7 +77,12 @@ METHOD_FLAGS = {
     # SNGD whitens only the input side; it needs a per-layer trust region as FNGD does.
     "sngd": ["--optim_args", "trust_ratio=0.1"],
     "shampoo": [],
+    # torch.optim.Muon on FNGD's layers' weights, AdamW on the rest (fngd_hf.muon.MuonHybrid); its learning rate is
+    # AdamW-scale (adjust_lr_fn="match_rms_adamw"), so it gets AdamW's schedule.
+    "muon": ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
 }
+# Methods with no separate AdamW part (their one optimizer covers every parameter).
+NO_ADAMW_PART = ("adamw", "sgd")
 
 # Ablations and variants: ``fngd:1e-2:refreshed`` adds these recipe flags to the method's own.
 VARIANT_FLAGS = {
@@ -86,21 +103,43 @@ VARIANT_FLAGS = {
 }
 
 
-def parse_methods(text: str) -> list[tuple[str, str, str]]:
-    """``name:lr[:variant]`` items, comma separated."""
+def parse_methods(text: str) -> list[tuple[str, str, str, str]]:
+    """``name:lr[/adamw_lr][:variant]`` items, comma separated -> ``(name, lr, adamw_lr or "", variant)``."""
     runs = []
     for item in text.split(","):
-        name, _, rest = item.partition(":")
-        lr, _, variant = rest.partition(":")
+        name, _, rest = item.strip().partition(":")
+        rates, _, variant = rest.partition(":")
+        lr, _, adamw_lr = rates.partition("/")
         if name not in METHOD_FLAGS:
             raise ValueError(f"unknown method {name!r}; choose from {sorted(METHOD_FLAGS)}")
         if not lr:
             raise ValueError(f"give a learning rate as {name}:LR")
+        for rate in (lr, adamw_lr):
+            if rate:
+                try:
+                    valid = float(rate) > 0.0
+                except ValueError:
+                    valid = False
+                if not valid:
+                    raise ValueError(f"{item!r}: {rate!r} is not a positive learning rate")
+        if adamw_lr and name in NO_ADAMW_PART:
+            raise ValueError(f"{item!r}: {name} has no separate AdamW part, so no /adamw_lr")
         unknown = [v for v in variant.split("+") if v and v not in VARIANT_FLAGS]
         if unknown:
             raise ValueError(f"unknown variant {unknown}; choose from {sorted(VARIANT_FLAGS)} (combine with +)")
-        runs.append((name, lr, variant))
+        runs.append((name, lr, adamw_lr, variant))
     return runs
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0"`` or ``"0,1,2"``."""
+    try:
+        seeds = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed takes integers separated by commas, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seed needs at least one seed")
+    return seeds
 
 
 def variant_flags(variant: str) -> list[str]:
@@ -109,16 +148,32 @@ def variant_flags(variant: str) -> list[str]:
 
 
 def run_label(record: dict) -> str:
-    return f"{record['method']} lr={record['lr']:g}" + (f" {record['variant']}" if record.get("variant") else "")
+    """Unique per method, rate(s), variant and seed (seed 0 and runs recorded without a seed: no suffix)."""
+    label = f"{record['method']} lr={record['lr']:g}"
+    if record.get("adamw_lr") is not None:
+        label += f" adamw_lr={record['adamw_lr']:g}"
+    if record.get("variant"):
+        label += f" {record['variant']}"
+    if record.get("seed"):
+        label += f" seed={record['seed']}"
+    return label
 
 
-def run_method(name: str, lr: str, args, out: Path, variant: str = "") -> dict:
-    run_dir = out / "runs" / (f"{name}-lr{lr}" + (f"-{variant}" if variant else ""))
+def run_name(name: str, lr: str, adamw_lr: str = "", variant: str = "", seed: int = 0) -> str:
+    """The run's folder under ``--out/runs`` (the earlier layout when there is no adamw_lr and seed 0)."""
+    return (f"{name}-lr{lr}" + (f"-alr{adamw_lr}" if adamw_lr else "") + (f"-{variant}" if variant else "")
+            + (f"-seed{seed}" if seed else ""))
+
+
+def run_method(name: str, lr: str, args, out: Path, variant: str = "", adamw_lr: str = "", seed: int | None = None) -> dict:
+    seed = args.seed[0] if seed is None else seed
+    run_dir = out / "runs" / run_name(name, lr, adamw_lr, variant, seed)
     command = [
         sys.executable, str(REPO / "recipes" / "multi30k.py"),
         "--output_dir", str(run_dir),
         "--optimizer", name, "--learning_rate", lr,
-        "--per_device_train_batch_size", str(args.batch_size), "--seed", str(args.seed),
+        *(["--fngd_adamw_lr", adamw_lr] if adamw_lr else []),
+        "--per_device_train_batch_size", str(args.batch_size), "--seed", str(seed),
         "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "50",
         "--report_to", "none", "--source_check", "True", "--disable_tqdm", "True",
         *(["--data_dir", str(args.data_dir)] if args.data_dir else []),
@@ -128,12 +183,15 @@ def run_method(name: str, lr: str, args, out: Path, variant: str = "") -> dict:
     start = time.perf_counter()
     with open(run_dir / "log.txt", "w") as log:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    record = {"method": name, "lr": float(lr), "variant": variant, "command": " ".join(command[1:]), "returncode": code,
+    record = {"method": name, "lr": float(lr), "adamw_lr": float(adamw_lr) if adamw_lr else None, "variant": variant,
+              "seed": seed, "command": " ".join(command[1:]), "returncode": code,
               "process_seconds": time.perf_counter() - start}
     state_file, results_file = run_dir / "trainer_state.json", run_dir / "results.json"
-    if code != 0 or not state_file.exists():
+    if code != 0:
         record["error"] = (run_dir / "log.txt").read_text()[-2000:]
+    if not state_file.exists():
         return record
+    # A run the recipe failed after training (e.g. its source check found a collapse) still has its curves.
     history = json.loads(state_file.read_text())["log_history"]
     evals = [r for r in history if "eval_loss" in r]
     checks = {r["epoch"]: r for r in history if "eval_source_gap" in r}
@@ -146,11 +204,170 @@ def run_method(name: str, lr: str, args, out: Path, variant: str = "") -> dict:
         for r in evals
     ]
     record["skipped_steps"] = max((r.get("fngd/skipped_steps", 0) for r in history), default=0)
+    used = reported_adamw_lr(results_file)
+    if used is not None:
+        record["adamw_lr_used"] = used
     if results_file.exists():
         results = json.loads(results_file.read_text())
         record["test"] = {split: {"bleu": v["bleu"], "chrf": v["chrf"]} for split, v in results.get("test", {}).items()}
         record["source_collapsed"] = results.get("validation", {}).get("eval_source_collapsed")
     return record
+
+
+# ------------------------------------------------------------------------------------ results file
+# One record per run in docs/results/*.json (issue 16's deliverable), in this order.
+RESULT_FIELDS = ("method", "lr", "adamw_lr", "variant", "seed", "shipped_default", "test2016_bleu_beam4", "val_loss",
+                 "val_bleu", "train_seconds", "command")
+RESULTS_DESCRIPTION = (
+    "One record per convergence run (benchmarks/convergence.py --results). lr: the method's learning rate; "
+    "adamw_lr: the rate the AdamW part (embeddings, LayerNorm, output head) of a hybrid method used (null for adamw "
+    "and sgd, which have none); variant: VARIANT_FLAGS names joined by +; shipped_default: lr is the trainer's "
+    "default for the method, adamw_lr its default AdamW-part rate, no variant; test2016_bleu_beam4: sacreBLEU on the "
+    "1000 test-2016 Flickr sentences, beam 4 (null: not scored); val_loss, val_bleu (greedy), train_seconds: at the "
+    "end of each epoch, train_seconds cumulative training wall clock without evaluation; command: the recipe command "
+    "from the repo root, OUT standing for the output folder."
+)
+def reported_adamw_lr(results_file: Path) -> float | None:
+    """The AdamW part's configured rate as the recipe reports it in results.json (``optimizer_settings``, a row
+    "AdamW part ...": "lr 0.002, betas ..."); ``None`` when the file or the row is missing."""
+    if not results_file.exists():
+        return None
+    settings = json.loads(results_file.read_text()).get("optimizer_settings") or {}
+    for key, value in settings.items():
+        match = re.search(r"\blr ([0-9][0-9.eE+-]*)", str(value)) if key.startswith("AdamW part") else None
+        if match:
+            return float(match.group(1))
+    return None
+
+
+def _words_value(words: list[str], flag: str) -> str | None:
+    """The last value given to ``flag`` (the recipe's parser lets a later flag win)."""
+    values = [words[i + 1] for i, w in enumerate(words[:-1]) if w == flag]
+    return values[-1] if values else None
+
+
+def default_adamw_lr(method: str, lr: float) -> float | None:
+    """The AdamW-part rate the trainer uses for ``method`` at ``lr`` when ``--fngd_adamw_lr`` is not given.
+
+    Mirrors the trainer: ``FNGDTrainingArguments.fngd_adamw_lr``'s default, ``None`` meaning ``learning_rate``.
+    """
+    if method in NO_ADAMW_PART:
+        return None
+    sys.path.insert(0, str(REPO))
+    from fngd_hf.trainer import FNGDTrainingArguments
+
+    default = FNGDTrainingArguments.__dataclass_fields__["fngd_adamw_lr"].default
+    return float(lr) if default is None else float(default)
+
+
+def used_adamw_lr(record: dict, historical: bool = False) -> float | None:
+    """The AdamW-part rate a run used: as the recipe reported it, else the command's ``--fngd_adamw_lr``, else the
+    default (``historical``: learning_rate, as before issue 16; otherwise the trainer's current default)."""
+    if record["method"] in NO_ADAMW_PART:
+        return None
+    if record.get("adamw_lr_used") is not None:
+        return float(record["adamw_lr_used"])
+    given = _words_value(shlex.split(record["command"]), "--fngd_adamw_lr")
+    if given is not None:
+        return float(given)
+    return float(record["lr"]) if historical else default_adamw_lr(record["method"], record["lr"])
+
+
+def is_shipped_default(method: str, lr: float, adamw_lr: float | None, variant: str) -> bool:
+    """No variant, the trainer's default learning rate for the method and its default AdamW-part rate."""
+    sys.path.insert(0, str(REPO))
+    from fngd_hf.trainer import DEFAULT_LEARNING_RATES
+
+    default = DEFAULT_LEARNING_RATES.get(method)
+    if variant or default is None or not math.isclose(lr, default, rel_tol=1e-9):
+        return False
+    expected = default_adamw_lr(method, lr)
+    return adamw_lr == expected if expected is None or adamw_lr is None else math.isclose(adamw_lr, expected, rel_tol=1e-9)
+
+
+def relative_command(command: str) -> str:
+    """The recipe command from the repo root: the recipe as ``recipes/multi30k.py``, the output folder as
+    ``OUT/<run>``, other absolute paths relative to the repo when they share its top folder, else ``<name>``."""
+    words = shlex.split(command)
+    if words and Path(words[0]).name.startswith("python") and not words[0].endswith(".py"):
+        words = words[1:]  # the interpreter
+    out = []
+    for index, word in enumerate(words):
+        if index > 0 and words[index - 1] == "--output_dir":
+            out.append(f"OUT/{Path(word).name}")
+        elif word.endswith("recipes/multi30k.py"):
+            out.append("recipes/multi30k.py")
+        elif os.path.isabs(word):
+            parts = Path(word).parts
+            out.append(os.path.relpath(word, REPO) if len(parts) > 1 and parts[1] == REPO.parts[1] else f"<{Path(word).name}>")
+        else:
+            out.append(word)
+    return shlex.join(["python", *out])
+
+
+def _finite(value):
+    return value if value is None or math.isfinite(value) else None  # NaN/inf are not JSON
+
+
+def beam4_bleu(record: dict) -> float | None:
+    """Test-2016 BLEU with beam 4 on all 1000 sentences (``record["test_beam"]`` from rescore), else ``None``."""
+    beam = record.get("test_beam") or {}
+    settings = beam.get("settings", {})
+    if settings.get("split") == "test_2016_flickr" and settings.get("num_beams") == 4 and settings.get("sentences") == 1000:
+        return _finite(beam["bleu"])
+    return None
+
+
+def results_record(record: dict, historical: bool = False) -> dict:
+    """A curves.json run as a results-file record (``RESULT_FIELDS``)."""
+    words = shlex.split(record["command"])
+    seed = record.get("seed")
+    if seed is None:
+        seed = int(_words_value(words, "--seed") or 0)
+    adamw_lr = used_adamw_lr(record, historical)
+    epochs = record.get("epochs", [])  # a failed run: empty curves, no test score
+    lr = float(record["lr"])
+    variant = record.get("variant") or ""
+    return {
+        "method": record["method"], "lr": lr, "adamw_lr": adamw_lr, "variant": variant, "seed": int(seed),
+        "shipped_default": is_shipped_default(record["method"], lr, adamw_lr, variant),
+        "test2016_bleu_beam4": beam4_bleu(record),
+        "val_loss": [_finite(e["val_loss"]) for e in epochs],
+        "val_bleu": [_finite(e.get("val_bleu")) for e in epochs],
+        "train_seconds": [e.get("train_seconds") for e in epochs],
+        "command": relative_command(record["command"]),
+    }
+
+
+def result_key(result: dict) -> tuple:
+    return (result["method"], result["lr"], result["adamw_lr"], result["variant"], result["seed"])
+
+
+def load_results(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+def update_results(path: Path, new: list[dict]) -> list[dict]:
+    """Write ``new`` into the results file: a record with the same method, rates, variant and seed is replaced."""
+    keys = {result_key(r) for r in new}
+    runs = [r for r in load_results(path) if result_key(r) not in keys] + [{k: r[k] for k in RESULT_FIELDS} for r in new]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One record per line: readable, and a new run is a one-line diff.
+    lines = ",\n".join("  " + json.dumps(r) for r in runs)
+    path.write_text(f'{{\n "description": {json.dumps(RESULTS_DESCRIPTION)},\n "runs": [\n{lines}\n ]\n}}\n')
+    return runs
+
+
+def score_beam4(record: dict, args) -> None:
+    """Beam-4 BLEU/chrF of the run's saved model on all of test-2016, into ``record["test_beam"]`` (as rescore.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import rescore
+
+    folder = rescore.output_dir(record)
+    if record.get("returncode") != 0 or not (folder / "model.safetensors").exists():
+        return
+    sources, references = rescore.split_sentences(args.data_dir, "test_2016_flickr", 1000)
+    record["test_beam"] = rescore.beam_score(folder, sources, references, beams=4)
 
 
 def best_per_method(records: list[dict]) -> list[dict]:
@@ -217,26 +434,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=None, help="raw Multi30K files (default: the Hub dataset)")
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
-    parser.add_argument("--methods", default="adamw:1e-3,adamw:3e-3,fngd:1e-2,ngd:1e-2,kfac:1e-2,sgd:1e-1")
+    parser.add_argument("--methods", default="adamw:1e-3,adamw:3e-3,fngd:1e-2,ngd:1e-2,kfac:1e-2,sgd:1e-1",
+                        help="name:lr[/adamw_lr][:variant], comma separated")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=parse_seeds, default=[0], help="a seed, or seeds separated by commas")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "convergence")
     parser.add_argument("extra", nargs="*", help="more recipe flags for every run (after --)")
     parser.add_argument("--fresh", action="store_true", help="forget the runs already in --out/curves.json")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="also score each run on test-2016 with beam 4 and write its record into this JSON file")
+    parser.add_argument("--import-curves", type=Path, nargs="+", default=None, metavar="FOLDER",
+                        help="with --results: write the runs of these curves.json folders into it, train nothing")
     args = parser.parse_args()
+    if args.import_curves:
+        if args.results is None:
+            parser.error("--import-curves needs --results")
+        for folder in args.import_curves:
+            runs = json.loads((folder / "curves.json").read_text())["runs"]
+            # Records without a seed come from before --results existed, when the AdamW part ran at learning_rate.
+            update_results(args.results, [results_record(r, historical="seed" not in r) for r in runs])
+            print(f"{folder}: {len(runs)} runs into {args.results}")
+        return
+    runs = parse_methods(args.methods)
     args.out.mkdir(parents=True, exist_ok=True)
     # Runs accumulate in curves.json across invocations (a sweep can be split); same label = replaced.
     previous = args.out / "curves.json"
     records = [] if args.fresh or not previous.exists() else json.loads(previous.read_text())["runs"]
-    for name, lr, variant in parse_methods(args.methods):
-        record = run_method(name, lr, args, args.out, variant)
-        records = [r for r in records if run_label(r) != run_label(record)] + [record]
-        last = record.get("epochs", [{}])[-1]
-        print(f"{run_label(record):<28} val loss {last.get('val_loss', float('nan')):.3f}  val BLEU "
-              f"{last.get('val_bleu') or float('nan'):.2f}  source gap {last.get('source_gap') or float('nan'):.3f}  "
-              f"test {json.dumps(record.get('test', {}))}  {record.get('error', '')[-300:]}", flush=True)
-        summary = {"setting": args.setting, "machine": machine(), "recipe_flags": SETTINGS[args.setting], "runs": records}
-        (args.out / "curves.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for seed in args.seed:
+        for name, lr, adamw_lr, variant in runs:
+            record = run_method(name, lr, args, args.out, variant, adamw_lr, seed)
+            if args.results is not None:
+                score_beam4(record, args)
+            records = [r for r in records if run_label(r) != run_label(record)] + [record]
+            last = record.get("epochs", [{}])[-1]
+            print(f"{run_label(record):<28} val loss {last.get('val_loss', float('nan')):.3f}  val BLEU "
+                  f"{last.get('val_bleu') or float('nan'):.2f}  source gap {last.get('source_gap') or float('nan'):.3f}  "
+                  f"test {json.dumps(record.get('test', {}))}  beam 4 {record.get('test_beam', {}).get('bleu')}  "
+                  f"{record.get('error', '')[-300:]}", flush=True)
+            summary = {"setting": args.setting, "machine": machine(), "recipe_flags": SETTINGS[args.setting], "runs": records}
+            (args.out / "curves.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if args.results is not None:  # recorded as each run ends: an interruption loses nothing
+                update_results(args.results, [results_record(record)])
     plot(records, args.out / "curves.png", f"Multi30K en-de, setting '{args.setting}': {machine()}")
 
 

@@ -3,15 +3,23 @@
     python benchmarks/convergence_table.py docs/convergence_cpu
     # runs split over several --out folders (e.g. one process per core), merged into the first:
     python benchmarks/convergence_table.py docs/convergence_cpu --merge /tmp/a /tmp/b
+    # a results file (benchmarks/convergence.py --results): seeds pooled per setting, curves to a PNG
+    python benchmarks/convergence_table.py --results docs/results/full_multi30k.json --plot docs/results/full_multi30k.png
 
 Writes ``curves.png`` (each method at its best learning rate) and ``ablations.png`` (every FNGD
-and NGD run: learning rates and variants) into the folder, and prints the tables.
+and NGD run: learning rates and variants) into the folder, and prints the tables. With ``--results``
+it prints one row per method, learning rate(s) and variant with the seeds run and the mean ± sample
+standard deviation over seeds (``n`` in the seeds column; one seed: the value alone) of the beam-4
+test-2016 BLEU, the final validation loss and BLEU and the training seconds, and plots each row's
+mean curves against epochs and against training seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -76,13 +84,136 @@ def merge(folder: Path, others: list[Path]) -> dict:
     return summary
 
 
+# ------------------------------------------------------------------------------- results files
+METHOD_ORDER = ("adamw", "muon", "sgd", "fngd", "ngd", "cwngd", "kfac", "sngd", "shampoo")
+
+
+def setting_key(run: dict) -> tuple:
+    """Runs that differ only in their seed."""
+    return (run["method"], run["lr"], run["adamw_lr"], run["variant"])
+
+
+def pooled(runs: list[dict]) -> list[dict]:
+    """Seeds of the same method, rates and variant together: ``{"key", "runs"}`` in method order, then lr."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(setting_key(run), []).append(run)
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    keys = sorted(groups, key=lambda k: (order.get(k[0], 99), k[3], k[1], k[2] or 0.0))
+    return [{"key": k, "runs": sorted(groups[k], key=lambda r: r["seed"])} for k in keys]
+
+
+def mean_spread(values: list, digits: int = 2) -> str:
+    """``mean ± sample sd`` over the values present; one value alone; ``-`` for none."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _last(values: list):
+    return values[-1] if values else None
+
+
+def results_table(runs: list[dict]) -> str:
+    rows = [
+        "| method | lr | AdamW-part lr | variant | seeds (n) | test-2016 BLEU beam 4 | final val loss | "
+        "final val BLEU (greedy) | train s | shipped default |",
+        "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for group in pooled(runs):
+        method, lr, adamw_lr, variant = group["key"]
+        members = group["runs"]
+        seeds = ", ".join(str(r["seed"]) for r in members)
+        failed = sum(1 for r in members if not r["val_loss"])
+        rows.append(
+            f"| {method} | {lr:g} | {'-' if adamw_lr is None else f'{adamw_lr:g}'} | {variant or '-'} | "
+            f"{seeds} ({len(members)}{f', {failed} failed' if failed else ''}) | "
+            f"{mean_spread([r['test2016_bleu_beam4'] for r in members], 1)} | "
+            f"{mean_spread([_last(r['val_loss']) for r in members], 3)} | "
+            f"{mean_spread([_last(r['val_bleu']) for r in members], 1)} | "
+            f"{mean_spread([_last(r['train_seconds']) for r in members], 0)} | "
+            f"{'yes' if all(r['shipped_default'] for r in members) else 'no'} |"
+        )
+    return "\n".join(rows)
+
+
+def group_label(key: tuple) -> str:
+    method, lr, adamw_lr, variant = key
+    return f"{method} lr={lr:g}" + (f"/{adamw_lr:g}" if adamw_lr is not None and adamw_lr != lr else "") + (
+        f" {variant}" if variant else "")
+
+
+def mean_curve(runs: list[dict], field: str) -> list[float]:
+    """Per epoch, the mean over the seeds that reached it with a finite value."""
+    length = max((len(r[field]) for r in runs), default=0)
+    curve = []
+    for epoch in range(length):
+        values = [r[field][epoch] for r in runs if epoch < len(r[field]) and r[field][epoch] is not None]
+        curve.append(statistics.fmean(values) if values else float("nan"))
+    return curve
+
+
+def plot_results(runs: list[dict], path: Path, title: str) -> None:
+    """Validation loss and BLEU (means over seeds) against epoch and against training seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in pooled(runs) if any(r["val_loss"] for r in g["runs"])]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5 + 0.06 * len(groups)))
+    colours = plt.get_cmap("tab20").colors
+    for index, group in enumerate(groups):
+        members = group["runs"]
+        n = len(members)
+        style = dict(color=colours[index % len(colours)], linestyle=("-", "--", ":")[index // len(colours) % 3],
+                     marker="o", label=group_label(group["key"]) + (f" ({n} seeds)" if n > 1 else ""))
+        loss, bleu, seconds = (mean_curve(members, f) for f in ("val_loss", "val_bleu", "train_seconds"))
+        epochs = list(range(1, len(loss) + 1))
+        axes[0, 0].plot(epochs, loss, **style)
+        axes[1, 0].plot(epochs[: len(bleu)], bleu, **style)
+        axes[0, 1].plot(seconds, loss[: len(seconds)], **style)
+        axes[1, 1].plot(seconds[: len(bleu)], bleu[: len(seconds)], **style)
+    for ax, (ylabel, xlabel) in zip(axes.flat, [("val loss", "epoch"), ("val loss", "training seconds"),
+                                                 ("val BLEU (greedy)", "epoch"), ("val BLEU (greedy)", "training seconds")]):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    losses = [v for r in runs for v in r["val_loss"] if v is not None]
+    if losses:  # a diverged run would squash every other curve: cut the axis at 8 nats
+        for ax in axes[0]:
+            ax.set_ylim(min(losses) - 0.2, min(max(losses), 8.0) + 0.2)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    columns = 3 if len(groups) > 8 else 4
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, min(0.02 + 0.016 * math.ceil(len(groups) / columns), 0.5), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folder", type=Path, nargs="?", help="a convergence benchmark folder with curves.json")
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="folders whose runs are merged into FOLDER")
+    parser.add_argument("--results", type=Path, default=None, help="a results file (convergence.py --results) instead")
+    parser.add_argument("--plot", type=Path, default=None, help="with --results: the PNG (default: next to it)")
     args = parser.parse_args()
+    if args.results is not None:
+        runs = json.loads(args.results.read_text())["runs"]
+        print(results_table(runs))
+        plot_path = args.plot or args.results.with_suffix(".png")
+        plot_results(runs, plot_path, f"Multi30K en-de: {args.results.name}, mean over seeds")
+        print(f"\nwrote {plot_path}")
+        return
+    if args.folder is None:
+        parser.error("give a FOLDER or --results FILE")
     summary = merge(args.folder, args.merge) if args.merge else json.loads((args.folder / "curves.json").read_text())
-    order = {m: i for i, m in enumerate(("adamw", "sgd", "fngd", "ngd", "cwngd", "kfac", "sngd", "shampoo"))}
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
     runs = sorted(summary["runs"], key=lambda r: (order.get(r["method"], 99), r.get("variant") or "", r["lr"]))
     print(f"Machine: {summary['machine']}; setting {summary['setting']}: {' '.join(summary['recipe_flags'])}\n")
     print("Every run:\n")

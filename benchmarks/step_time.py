@@ -19,6 +19,8 @@ Methods (``--methods``, comma separated):
 
 * ``adamw``: ``torch.optim.AdamW`` (``foreach=True`` on GPU);
 * ``sgd``: ``torch.optim.SGD`` with momentum, a floor;
+* ``muon``: ``fngd_hf.muon.MuonHybrid``: ``torch.optim.Muon`` (5 Newton-Schulz iterations in bf16 per weight) on
+  the weights of FNGD's layers, ``torch.optim.AdamW`` on the rest (multi-tensor wherever ``adamw`` is);
 * ``fngd_first``: FNGD in its first epoch (``share_coefficients=True``, ``steps_per_epoch`` = an
   epoch of Multi30K and more than the steps run, so every step forms ``K`` and solves);
 * ``fngd_shared``: FNGD in the shared phase (``steps_per_epoch=2``; the warm-up is longer than 2
@@ -87,7 +89,7 @@ from fngd_hf.models import build_config, resolve_shape  # noqa: E402
 
 PAD, EOS = 0, 1
 MULTI30K_STEPS_PER_EPOCH = 29000 // 64 + 1  # 454: the bank size a real first epoch would have
-DEFAULT_METHODS = "adamw,sgd,fngd_first,fngd_shared,ngd"
+DEFAULT_METHODS = "adamw,sgd,muon,fngd_first,fngd_shared,ngd"
 VARIANTS = ("fngd_first_token", "fngd_first_ps", "fngd_first_checked", "fngd_first_batched", "fngd_first_unbatched", "fngd_first_padded", "cwngd_first", "cwngd_shared", "kfac", "sngd", "shampoo")
 
 
@@ -132,6 +134,13 @@ def make_optimizer(method, model, device, total_steps):
         return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=device.type == "cuda" or _FOREACH_ON_CPU)
     if method == "sgd":
         return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=device.type == "cuda" or _FOREACH_ON_CPU)
+    if method == "muon":
+        from fngd_hf.muon import MuonHybrid
+
+        opt = MuonHybrid(model, lr=1e-4)  # AdamW-scale lr (adjust_lr_fn="match_rms_adamw"), AdamW part alike
+        for group in opt.adamw.param_groups:  # the AdamW part's update as the adamw baseline's
+            group["foreach"] = device.type == "cuda" or _FOREACH_ON_CPU
+        return opt
     if method == "fngd_first":
         return FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, **fngd_kwargs)
     if method == "fngd_first_token":

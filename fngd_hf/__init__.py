@@ -7,8 +7,7 @@ from .kfac import KFAC
 from .optimizer import FNGD
 from .sngd import SNGD
 from .trainer import FNGDTrainer, FNGDTrainingArguments
-from .translate import TranslationPipeline  # registers pipeline("translation") on transformers 5
 
-__all__ = ["CWNGD", "FNGD", "KFAC", "SNGD", "FNGDTrainer", "FNGDTrainingArguments", "TranslationPipeline",
+__all__ = ["CWNGD", "FNGD", "KFAC", "SNGD", "FNGDTrainer", "FNGDTrainingArguments",
            "attach_accelerator", "select_modules"]
 __version__ = "0.1.0"

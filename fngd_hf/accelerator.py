@@ -20,6 +20,7 @@ def attach_accelerator(accelerator, optimizer):
     """
     inner = unwrap_optimizer(optimizer)
     inner.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
+    inner.accumulation_declared_by = "attach_accelerator"
     if hasattr(inner, "loss_divided_by"):  # FNGD, CW-NGD (the others take gradients as they come)
         inner.loss_divided_by = "gradient_accumulation_steps"
     return keep_rank_state(accelerator, inner)

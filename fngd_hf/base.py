@@ -9,6 +9,7 @@ Subclasses (FNGD, CW-NGD, K-FAC, SNGD) only say how a layer's direction is compu
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Iterable
 
@@ -20,9 +21,46 @@ from .capture import CapturedLayer, attach
 from .layers import layer_parameters, select_modules
 
 
+logger = logging.getLogger(__name__)
+
+
 def _scalar_dtype() -> torch.dtype:
     # torch.optim keeps its step counters in this dtype; match it so AdamW groups are bitwise AdamW.
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+# The .grad of a layer whose backward wrote a direction (FNGD, CW-NGD, SNGD) holds it times this power
+# of two, exact in bf16/fp32/fp64. A natural-gradient direction often has norm 1e5-1e7: untagged, a
+# stock Trainer's or accelerate's global-norm clip (max_grad_norm=1.0 by default) would shrink every
+# parameter by 1e-7 and log that norm as grad_norm. Tagged, the clip and the log see the ordinary
+# gradients of the AdamW part only; step() multiplies the tag back out and undoes any clip that
+# scaled the directions (see _external_rescale).
+DIRECTION_TAG = 2.0 ** -64
+# Relative change of the directions between backward and step() below which nothing rescaled them:
+# accumulating .grad rounds it (float32: ~1e-7 relative, bf16: ~4e-3) where the probes' own sums do not.
+_RESCALE_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-2}
+_RESCALE_TOLERANCE_DEFAULT = 1e-3
+
+
+def direction_tag(dtype: torch.dtype) -> float:
+    """The tag for ``.grad`` of this dtype: fp16 has too few exponent bits to carry it (1.0: untagged)."""
+    return 1.0 if dtype == torch.float16 else DIRECTION_TAG
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _in_accelerate_loop() -> bool:
+    """Whether batches come from an ``accelerate``-prepared dataloader now (the HF Trainer's, or an
+    accelerate loop): there the loss of each micro-batch is scaled by code FNGD does not see."""
+    try:
+        from accelerate.state import GradientState
+    except ImportError:  # accelerate is a dependency, but the optimizer itself does not need it
+        return False
+    if not GradientState._shared_state:  # no Accelerator made in this process
+        return False
+    return GradientState().active_dataloader is not None
 
 
 def _process_rank() -> int:
@@ -69,6 +107,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     """Base class: capture, AdamW groups, the step skeleton and its safeguards, extra state."""
 
     name = "layerwise"
+    # Whether the backward writes a preconditioned direction into .grad (tagged, see DIRECTION_TAG).
+    # K-FAC writes the plain gradient and preconditions it in step().
+    _writes_directions = True
     # torch.amp.GradScaler then hands its scale to step() (as `grad_scale`) instead of unscaling
     # .grad itself, which lets step() refuse: the scaled output gradients already entered K.
     _step_supports_amp_scaling = True
@@ -158,12 +199,26 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._trust_steps = 0
         self._owner_index_cache: tuple | None = None  # (key, (owner index, elements per layer)) on the device
         self._restore_after_load: dict | None = None  # this rank's own statistics for the next load_state_dict
+        # Who declared how each micro-batch loss was scaled under accumulation: "constructor" (the caller
+        # passed gradient_accumulation_steps), or an integration (FNGDTrainer, attach_accelerator).
+        self.accumulation_declared_by = "constructor" if gradient_accumulation_steps != 1 else None
+        self._probe_written: dict[int, torch.Tensor] = {}  # per layer: probe of the directions written since step()
+        self._probe_vectors: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rescale: torch.Tensor | None = None  # this step's undo factor for an external rescale
+        self._rescale_warned = False
         self._layers: list[CapturedLayer] = [
-            attach(name, module, self._layer_gradient, lambda: self._capture_enabled)
+            attach(name, module, self._capture_gradient, lambda: self._capture_enabled)
             for name, module in modules.items()
         ]
         for index, layer in enumerate(self._layers):
             layer.index = index
+
+    @classmethod
+    def factory(cls):
+        """For transformers' ``Trainer(optimizer_cls_and_kwargs=(FNGD.factory, {"lr": 1e-2, ...}))``: the
+        Trainer calls ``factory()(model, **kwargs)`` for anything that is not an optimizer class (its
+        Muon/Dion path), which hands the optimizer the model instead of its parameters."""
+        return cls
 
     # ----------------------------------------------------------------------------- settings
     @property
@@ -183,6 +238,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         ``accelerator.clip_grad_norm_``; the managed layers' ``.grad`` is the natural-gradient direction)."""
         return [p for group in self.param_groups if not group["fngd"] for p in group["params"]]
 
+    def direction(self, param: nn.Parameter) -> torch.Tensor | None:
+        """What ``param.grad`` holds, as the optimizer will use it: for a managed layer whose backward ran
+        since the last ``step()``, its direction without the tag (see ``DIRECTION_TAG``); else ``.grad``."""
+        if param.grad is None or not self._writes_directions:
+            return param.grad
+        for layer in self._layers:
+            if layer.micro_batches and any(param is p for p in layer.params):
+                return param.grad / direction_tag(param.dtype)
+        return param.grad
+
     def train(self, mode: bool = True) -> "LayerwiseOptimizer":
         """Capture on (HF Trainer and accelerate call this before training steps)."""
         self._capture_enabled = bool(mode)
@@ -200,6 +265,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         self._discard_staged()
         self._finite_checks, self._factor_infos = [], []
+        self._probe_written.clear()
         for layer in self._layers:
             layer.micro_batches = 0
 
@@ -213,6 +279,76 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 layer.handle = None
 
     # ------------------------------------------------------------------ subclass interface
+    def _capture_gradient(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor):
+        """What the capture calls: the subclass's direction, tagged and probed (see :data:`DIRECTION_TAG`)."""
+        d_weight, d_bias = self._layer_gradient(layer, x, delta)
+        if d_weight is not None and self._writes_directions:
+            # In .grad's dtype first, so the probe sees what .grad will hold (bf16 rounds by ~1e-3).
+            if d_weight.dtype != layer.weight.dtype:
+                d_weight = d_weight.to(layer.weight.dtype)
+            if d_bias is not None and d_bias.dtype != layer.bias.dtype:
+                d_bias = d_bias.to(layer.bias.dtype)
+            self._note_directions(layer, d_weight, d_bias)
+        return d_weight, d_bias
+
+    def _note_directions(self, layer: CapturedLayer, d_weight: torch.Tensor, d_bias: torch.Tensor | None) -> None:
+        """Record a probe of a direction about to reach ``.grad`` and tag it there (in place: it is ours)."""
+        self._record_probe(layer, d_weight, d_bias)
+        tag = direction_tag(layer.weight.dtype)
+        if tag != 1.0:
+            d_weight.mul_(tag)
+            if d_bias is not None:
+                d_bias.mul_(tag)
+
+    def _record_probe(self, layer: CapturedLayer, d_weight: torch.Tensor, d_bias: torch.Tensor | None) -> None:
+        probe = self._probe(layer, d_weight, d_bias)
+        written = self._probe_written.get(layer.index)
+        self._probe_written[layer.index] = probe if written is None else written + probe
+
+    def _probe(self, layer: CapturedLayer, d_weight: torch.Tensor, d_bias: torch.Tensor | None) -> torch.Tensor:
+        """``vᵀ [dW | db] u`` for fixed random ``u``, ``v`` (the same on every rank): linear, so it follows
+        accumulation and DDP's averaging of ``.grad``, and a uniform rescale of ``.grad`` scales it too. A
+        random probe, not a sum: LayerNorm-ed inputs make the plain sum of a weight gradient nearly 0."""
+        key = (layer.index, d_weight.device)
+        vectors = self._probe_vectors.get(key)
+        if vectors is None:
+            out_features, in_features = d_weight.shape[::-1] if layer.transposed else d_weight.shape
+            generator = torch.Generator().manual_seed(7919 + layer.index)
+            u = torch.randn(in_features + 1, generator=generator, dtype=torch.float64)
+            v = torch.randn(out_features, generator=generator, dtype=torch.float64)
+            vectors = self._probe_vectors[key] = (u.to(d_weight.device), v.to(d_weight.device))
+        u, v = vectors
+        weight = d_weight.T if layer.transposed else d_weight
+        probe = v @ (weight.to(torch.float64) @ u[:-1])
+        if d_bias is not None:
+            probe = probe + u[-1] * (v @ d_bias.to(torch.float64))
+        return probe
+
+    def _external_rescale(self) -> torch.Tensor | None:
+        """``1/c`` if something scaled every direction by ``c`` between backward and ``step()`` (a global
+        gradient clip: the stock Trainer's ``max_grad_norm``, ``accelerator.clip_grad_norm_``), else 1;
+        ``None`` when no direction was written. A device tensor: no host sync here.
+
+        ``c`` is the least-squares ratio of the probes of ``.grad`` now to those of what backward wrote,
+        over all layers (robust to a layer whose probe happens to be near zero)."""
+        indices = [i for i in self._probe_written if self._layers[i].weight.grad is not None]
+        if not indices:
+            return None
+        written = torch.stack([self._probe_written[i] for i in indices])
+        if _distributed():  # DDP averaged .grad over ranks: average the probes the same way
+            torch.distributed.all_reduce(written)
+            written = written / torch.distributed.get_world_size()
+        now = []
+        for i in indices:
+            layer = self._layers[i]
+            bias = layer.bias.grad if layer.has_bias else None
+            now.append(self._probe(layer, layer.weight.grad, bias) / direction_tag(layer.weight.dtype))
+        now = torch.stack(now).to(written.device)
+        scale = (now * written).sum() / (written * written).sum().clamp(min=1e-300)
+        tolerance = max(_RESCALE_TOLERANCE.get(self._layers[i].weight.dtype, _RESCALE_TOLERANCE_DEFAULT) for i in indices)
+        rescaled = (scale > 0) & ((scale - 1).abs() > tolerance)
+        return torch.where(rescaled, 1.0 / scale.clamp(min=1e-300), torch.ones_like(scale))
+
     def _layer_gradient(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor):
         """Backward-time direction ``(d_weight, d_bias)`` of one micro-batch; ``x``: (B, T, i), ``delta``: (B, T, o)."""
         raise NotImplementedError
@@ -273,6 +409,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 "Use bf16 autocast (statistics stay float32) or float32."
             )
         self._check_ready()
+        self._check_accumulation()
+        self._rescale = self._external_rescale() if self._writes_directions else None
         finite, factored = self._step_checks()
         if finite and not factored:
             self.skipped_steps += 1
@@ -297,17 +435,39 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self._after_step()
         self._discard_staged()
         self._finite_checks, self._factor_infos = [], []
+        self._probe_written.clear()
+        self._rescale = None
         for layer in self._layers:
             layer.micro_batches = 0
         self.global_step += 1
         return loss
+
+    def _check_accumulation(self) -> None:
+        """Refuse, before anything changes, an accumulated step whose loss scale nobody declared.
+
+        A stock Trainer divides each micro-batch loss by the accumulation count for some models and not
+        for others (transformers 5: not for BART, Marian or T5, which ignore ``num_items_in_batch``), and
+        with relative damping the step scales like 1/(loss scale): a silently wrong step, so an error."""
+        counts = [layer.micro_batches for layer in self._layers if layer.micro_batches]
+        if not counts or min(counts) < 2 or self.accumulation_declared_by not in (None, "constructor"):
+            return
+        if _in_accelerate_loop():
+            raise ValueError(
+                f"{type(self).__name__} got {min(counts)} backward passes before step(): gradient accumulation "
+                f"under a Trainer or an accelerate loop. Its step depends on how each micro-batch loss was "
+                f"scaled, which that loop decides per model (transformers 5 does not divide the loss of BART, "
+                f"Marian or T5 by gradient_accumulation_steps). Use fngd_hf.FNGDTrainer, which scales the loss "
+                f"itself; in an accelerate loop call fngd_hf.attach_accelerator(accelerator, optimizer); or set "
+                f"gradient_accumulation_steps=1 with a larger per_device_train_batch_size."
+            )
 
     def _step_checks(self) -> tuple[bool, bool]:
         """``(finite, factored)`` in one host sync for every gradient and statistic since the last step.
 
         The norms come from one ``_foreach_norm`` (a handful of kernels, not a few per tensor); a
         norm that overflows float32 (entries around 1e19) also counts as non-finite. ``factored``:
-        every solve whose check was deferred to here succeeded.
+        every solve whose check was deferred to here succeeded. The same sync reads whether the
+        directions were rescaled since backward (warned once).
         """
         tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         tensors += self._finite_checks
@@ -317,12 +477,30 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             flags.append(torch.stack(torch._foreach_norm(tensors)).isfinite().all())
         if self._factor_infos:
             flags.append(torch.cat([info.reshape(-1) for info in self._factor_infos]).eq(0).all())
+        watch_rescale = self._rescale is not None and not self._rescale_warned
+        if watch_rescale:
+            flags.append(self._rescale)
         if not flags:
             return True, True
-        values = torch.stack([f.to(flags[0].device) for f in flags]).tolist()  # the one sync
+        values = torch.stack([f.to(flags[0].device, torch.float64) for f in flags]).tolist()  # the one sync
+        if watch_rescale:
+            self._warn_rescale(values.pop())
         if not self._factor_infos:
             return all(values), True
         return all(values[:-1]), bool(values[-1])
+
+    def _warn_rescale(self, undo: float) -> None:
+        """Said once (logged, not warned: with the stock Trainer's max_grad_norm this is the expected case)."""
+        if undo == 1.0:
+            return
+        self._rescale_warned = True
+        logger.info(
+            "%s: the .grad of its layers was scaled by %.4g between backward and step(), e.g. by the Trainer's "
+            "max_grad_norm or accelerator.clip_grad_norm_. It holds their natural-gradient direction, not a "
+            "gradient, so %s undoes that scale for them (their step is bounded by its per-layer trust region; "
+            "clip_update_norm clips it further). The clip still applies to the other parameters, and the logged "
+            "grad_norm is theirs.", type(self).__name__, 1.0 / undo, type(self).__name__,
+        )
 
     def _managed_group_step(self, group: dict) -> None:
         """Trust region, weight decay, momentum, update clip and ``p -= lr·d``, as ``_foreach`` ops."""
@@ -343,6 +521,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     stacklevel=3,
                 )
             factor = self._accumulation_correction(layer, group)
+            if layer.micro_batches and self._writes_directions:
+                factor /= direction_tag(layer.weight.dtype)
             for p in layer.params:
                 if p.grad is not None:
                     params.append(p)
@@ -350,6 +530,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     owner.append(index)
         if not params:
             return
+        if self._rescale is not None:
+            directions = torch._foreach_mul(directions, self._rescale.to(directions[0].dtype))
         if ratio is not None:
             # Trust region: ‖d‖ <= ratio·‖[W|b]‖ per layer (weight and bias together), so a step moves a
             # layer by at most lr·ratio of its norm before momentum; lr and its schedule still apply.
@@ -403,7 +585,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         cached = self._owner_index_cache
         if cached is None or cached[0] != key:
             index = torch.tensor(owner, device=device)
-            per_layer = torch.zeros(len(self._layers), device=device).index_add_(
+            # float32 whatever the default dtype (a float64 default must not meet float32 sizes here)
+            per_layer = torch.zeros(len(self._layers), dtype=torch.float32, device=device).index_add_(
                 0, index, torch.tensor(sizes, dtype=torch.float32, device=device)
             )
             self._owner_index_cache = cached = (key, (index, per_layer))

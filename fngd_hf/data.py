@@ -23,6 +23,20 @@ TEST_SETS = ("test_2016_flickr", "test_2017_flickr", "test_2017_mscoco", "test_2
 
 # Hub split name -> our split name (bentrevett's "test" is test_2016_flickr).
 HUB_SPLIT_NAMES = {"train": "train", "validation": "validation", "test": "test_2016_flickr"}
+RAW_FILES_URL = "https://github.com/multi30k/dataset (data/task1/raw)"
+
+
+class DataUnavailableError(ValueError):
+    """The data could not be loaded: a missing or broken file, or a Hub dataset out of reach."""
+
+
+def expected_files(source_lang: str = "en", target_lang: str = "de") -> str:
+    """What a raw-file folder must hold, in words, for error messages."""
+    tests = ", ".join(f"{stem}.*" for stem in TEST_SETS)
+    return (
+        f"train.{source_lang}, train.{target_lang}, val.{source_lang}, val.{target_lang} (required) and any of "
+        f"{tests} (optional), plain or .gz, as in {RAW_FILES_URL}"
+    )
 
 
 def check_language_pair(source_lang: str, target_lang: str) -> None:
@@ -76,7 +90,7 @@ def raw_file_or_error(data_dir: Path, stem: str, lang: str) -> Path:
     """Find a file that must exist, with an error naming what was looked for."""
     path = find_raw_file(data_dir, stem, lang)
     if path is None:
-        raise ValueError(f"missing file {data_dir / f'{stem}.{lang}'} (or {stem}.{lang}.gz)")
+        raise DataUnavailableError(f"missing file {data_dir / f'{stem}.{lang}'} (or {stem}.{lang}.gz)")
     return path
 
 
@@ -84,7 +98,7 @@ def load_raw_multi30k(data_dir: str | Path, source_lang: str = "en", target_lang
     """Load the official raw files: train, validation, and one split per test set present."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise ValueError(f"data_dir {data_dir} is not a directory")
+        raise DataUnavailableError(f"data_dir {data_dir} is not a directory")
     splits = {}
     for stem, split in REQUIRED_RAW_SPLITS.items():
         src, tgt = read_parallel(raw_file_or_error(data_dir, stem, source_lang), raw_file_or_error(data_dir, stem, target_lang))
@@ -95,7 +109,7 @@ def load_raw_multi30k(data_dir: str | Path, source_lang: str = "en", target_lang
             continue  # test sets are optional (older releases lack 2017/2018)
         if src_path is None or tgt_path is None:
             lang = source_lang if src_path is None else target_lang
-            raise ValueError(f"missing file {data_dir / f'{stem}.{lang}'}: test set {stem} has only one side")
+            raise DataUnavailableError(f"missing file {data_dir / f'{stem}.{lang}'}: test set {stem} has only one side")
         src, tgt = read_parallel(src_path, tgt_path)
         splits[stem] = datasets.Dataset.from_dict({source_lang: src, target_lang: tgt})
     return datasets.DatasetDict(splits)
@@ -105,7 +119,11 @@ def load_hub_multi30k(
     dataset_name: str, source_lang: str, target_lang: str, cache_dir: str | None = None
 ) -> datasets.DatasetDict:
     """Load a Hub dataset with one column per language and rename its splits to ours."""
-    raw = datasets.load_dataset(dataset_name, cache_dir=cache_dir)
+    try:
+        raw = datasets.load_dataset(dataset_name, cache_dir=cache_dir)
+    except Exception as error:  # offline, no network, unknown name: to the caller all mean "not available"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise DataUnavailableError(f"could not load the Hub dataset {dataset_name!r}: {reason}") from error
     renamed = {}
     for split, dataset in raw.items():
         for lang in (source_lang, target_lang):
@@ -131,6 +149,19 @@ def test_split_names(dataset: datasets.DatasetDict) -> list[str]:
     return [name for name in dataset if name.startswith("test")]
 
 
+def cap_splits(
+    dataset: datasets.DatasetDict,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    max_test_samples: int | None = None,
+) -> datasets.DatasetDict:
+    """The first rows of each split: ``max_eval_samples`` caps validation, ``max_test_samples`` each test split."""
+    caps = {"train": max_train_samples, "validation": max_eval_samples}
+    return datasets.DatasetDict(
+        {name: truncate(split, caps.get(name, max_test_samples)) for name, split in dataset.items()}
+    )
+
+
 def load_multi30k(
     dataset_name: str | None = DEFAULT_DATASET_NAME,
     data_dir: str | Path | None = None,
@@ -153,7 +184,4 @@ def load_multi30k(
         dataset = load_hub_multi30k(dataset_name, source_lang, target_lang, cache_dir)
     else:
         raise ValueError("give dataset_name or data_dir")
-    caps = {"train": max_train_samples, "validation": max_eval_samples}
-    return datasets.DatasetDict(
-        {name: truncate(split, caps.get(name, max_test_samples)) for name, split in dataset.items()}
-    )
+    return cap_splits(dataset, max_train_samples, max_eval_samples, max_test_samples)

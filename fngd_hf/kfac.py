@@ -104,6 +104,8 @@ class KFAC(LayerwiseOptimizer):
     every managed direction by ``min(1, sqrt(kl_clip / |lr² Σ ⟨d, ḡ⟩|))``, Ba et al. 2017).
     """
 
+    _writes_directions = False  # backward leaves the plain gradient; step() preconditions it
+
     name = "kfac"
     _float32_state_keys = ("kfac_A", "kfac_G") + _EIGEN_KEYS + _CHOLESKY_KEYS
 

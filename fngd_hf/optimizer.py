@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -12,13 +13,9 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .base import LayerwiseOptimizer
+from .base import LayerwiseOptimizer, _distributed, _in_accelerate_loop, direction_tag
 from .capture import CapturedLayer
 from .sample_sharing import SampleIndex
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 # Layers batched into one set of kernels at the end of backward: at most this many elements of
@@ -35,6 +32,16 @@ _LOSS_DIVISORS = ("micro_batches", "gradient_accumulation_steps")
 # (private torch API, as DDP and FSDP use it); a torch without it keeps the per-layer path.
 _ENGINE_QUERIES = all(hasattr(torch._C, name) for name in ("_current_graph_task_id", "_will_engine_execute_node")) \
     and hasattr(torch.autograd.graph, "get_gradient_edge")
+
+
+logger = logging.getLogger(__name__)
+
+
+def _end_of_dataloader() -> bool:
+    """Whether the accelerate dataloader being iterated has just yielded its last batch."""
+    from accelerate.state import GradientState
+
+    return bool(GradientState._shared_state) and GradientState().end_of_dataloader
 
 
 def _nonzero(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -215,6 +222,8 @@ class FNGD(LayerwiseOptimizer):
         self._host_sizes: dict[int, dict[tuple[int, int], int]] = {}  # host copies of coef_size, per layer
         self._pending: dict[int, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}  # per layer, per micro-batch
         self._fixed_accumulation_warned = False
+        self._learning_epoch_length = False  # steps_per_epoch unknown: the first epoch's end will tell it
+        self._unknown_epoch_warned = False
         self._diag = self._empty_diagnostics()
         self._diag_staged: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (λB, ‖K‖_F, B) since the last step
         # (self.state, per-layer state dicts, their coef_bank views, the stacked tensors): see _stacked_banks
@@ -247,15 +256,48 @@ class FNGD(LayerwiseOptimizer):
 
     # ---------------------------------------------------------------- backward-time maths
     def _sharing_slot(self) -> int | None:
+        """The bank slot of this step: its position in the epoch; while the epoch length is being learnt
+        (an accelerate dataloader says where the first epoch ends), the step itself; ``None``: not stored."""
         if not self.share_coefficients or self.share_by == "sample":
             return None
-        if self._steps_per_epoch is None:
-            raise ValueError(
-                "share_coefficients=True needs the epoch length: pass FNGD(..., steps_per_epoch=N) "
-                "with N = optimizer steps per epoch (batches / gradient_accumulation_steps), set "
-                "opt.steps_per_epoch = N, use FNGDTrainer (which sets it), or share_coefficients=False."
+        if self._steps_per_epoch is not None:
+            return self.global_step % self._steps_per_epoch
+        if self.global_step == 0 and _in_accelerate_loop():
+            self._learning_epoch_length = True
+        if self._learning_epoch_length:
+            return self.global_step
+        if not self._unknown_epoch_warned:
+            self._unknown_epoch_warned = True
+            warnings.warn(
+                f"{type(self).__name__} does not know the epoch length, so it cannot share coefficients: every step "
+                "computes fresh ones (NGD, slower). Pass steps_per_epoch=N (optimizer steps per epoch), set "
+                "opt.steps_per_epoch = N, or train from an accelerate-prepared dataloader (the HF Trainer's), "
+                "where FNGD learns the length in the first epoch.",
+                RuntimeWarning,
+                stacklevel=5,
             )
-        return self.global_step % self._steps_per_epoch
+        return None
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        if self._learning_epoch_length and _end_of_dataloader():
+            self._learn_epoch_length(self.global_step)
+        return loss
+
+    def _learn_epoch_length(self, steps: int) -> None:
+        """The first epoch ended after ``steps`` steps: keep that many bank rows and share from now on."""
+        self._learning_epoch_length = False
+        for layer in self._layers:
+            state = self.state.get(layer.weight, {})
+            for key in self._stacked_keys:
+                if key in state:  # exactly `steps` rows (fewer were stored if the last steps were skipped)
+                    old, kept = state[key], min(steps, state[key].shape[0])
+                    state[key] = old.new_zeros(steps, *old.shape[1:])
+                    state[key][:kept] = old[:kept]
+        self._forget_cached_state()
+        self._steps_per_epoch = steps
+        logger.info("%s: learnt the epoch length, %d optimizer steps; coefficients are shared from now on",
+                    type(self).__name__, steps)
 
     def _host_size_table(self, layer: CapturedLayer) -> dict[tuple[int, int], int]:
         """``{(slot, micro): batch}`` of the filled bank slots: a host copy of ``coef_size``, read from
@@ -312,7 +354,7 @@ class FNGD(LayerwiseOptimizer):
         scale = float(batch * self._accumulation)  # g_n = B_total · (sample n's contribution)
 
         stored, bank_slot = None, slot
-        if slot is not None and self.global_step >= self._steps_per_epoch:
+        if slot is not None and self._steps_per_epoch is not None and self.global_step >= self._steps_per_epoch:
             stored = self._stored_coefficients(layer, slot, micro, batch)
             if stored is None and self._slot_filled(layer, slot, micro):
                 bank_slot = None  # keep the first epoch's beta; this odd-sized batch is one-off
@@ -547,11 +589,19 @@ class FNGD(LayerwiseOptimizer):
             d_weight = d_weight.to(weight_dtype)
         if d_bias is not None and d_bias.dtype != first.layer.bias.dtype:
             d_bias = d_bias.to(first.layer.bias.dtype)
+        bias_grads = (None,) * len(entries) if d_bias is None else d_bias.unbind(0)
+        weight_grads = d_weight.unbind(0)
+        for entry, weight_grad, bias_grad in zip(entries, weight_grads, bias_grads):
+            self._record_probe(entry.layer, weight_grad, bias_grad)
+        tag = direction_tag(weight_dtype)  # as _note_directions does per layer, here once for all
+        if tag != 1.0:
+            d_weight.mul_(tag)
+            if d_bias is not None:
+                d_bias.mul_(tag)
         # As AccumulateGrad: a missing .grad becomes the new gradient (here a view of the batched
         # result, no copy), an existing one is added to (gradient accumulation, a weight used twice).
         targets, values = [], []
-        bias_grads = (None,) * len(entries) if d_bias is None else d_bias.unbind(0)
-        for entry, weight_grad, bias_grad in zip(entries, d_weight.unbind(0), bias_grads):
+        for entry, weight_grad, bias_grad in zip(entries, weight_grads, bias_grads):
             for param, grad in zip(entry.layer.params, (weight_grad, bias_grad)):
                 if param.grad is None:
                     param.grad = grad
@@ -633,10 +683,6 @@ class FNGD(LayerwiseOptimizer):
     def _trace(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
         return F.gram_trace(x, delta, layer.has_bias, scale)
 
-    def _check_ready(self) -> None:
-        if self.share_coefficients and self._layers:
-            self._sharing_slot()  # raises the explanatory error before anything changes
-
     @staticmethod
     def _missing_ids_message() -> str:
         return (
@@ -695,7 +741,7 @@ class FNGD(LayerwiseOptimizer):
             self._store_by_sample()
             return
         period = self._steps_per_epoch
-        if self._store_stacked(period):
+        if period is not None and self._store_stacked(period):
             return
         writes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (bank view, value), all layers
         tails: list[torch.Tensor] = []
@@ -705,7 +751,8 @@ class FNGD(LayerwiseOptimizer):
             if not entries:
                 continue
             micros, batch = max(e[1] for e in entries) + 1, max(e[2].shape[0] for e in entries)
-            state = self._reserve_bank(layer, period, micros, batch, entries[0][2])
+            slots = max(e[0] for e in entries) + 1
+            state = self._reserve_bank(layer, period, micros, batch, entries[0][2], slots)
             bank, host = state["coef_bank"], self._host_size_table(layer)
             for slot, micro, beta, trace in entries:
                 if beta.shape[0] < bank.shape[2]:
@@ -756,29 +803,39 @@ class FNGD(LayerwiseOptimizer):
                 host[slot, micro] = batch  # the host copy follows the tensor: no device read later
         return True
 
-    def _reserve_bank(self, layer: CapturedLayer, period: int, micros: int, batch: int, like: torch.Tensor):
-        """The layer's bank, grown (or restarted) so that ``micros`` micro-batches of ``batch`` samples fit."""
+    def _reserve_bank(self, layer: CapturedLayer, period: int | None, micros: int, batch: int, like: torch.Tensor,
+                      slots: int = 0):
+        """The layer's bank, grown (or restarted) so that ``micros`` micro-batches of ``batch`` samples fit;
+        ``period=None`` (epoch length being learnt): at least ``slots`` rows, grown geometrically."""
         state = self.state[layer.weight]
         bank = state.get("coef_bank")
         unit_shape = tuple(like.shape[1:])  # CW-NGD: one beta per unit
-        if bank is None or bank.shape[0] != period or tuple(bank.shape[3:]) != unit_shape:
+        rows = period if period is not None else max(slots, 2 * (0 if bank is None else bank.shape[0]))
+        if bank is None or (period is not None and bank.shape[0] != period) or tuple(bank.shape[3:]) != unit_shape:
             if bank is not None:
                 warnings.warn(
                     f"steps_per_epoch changed to {period}: the coefficient bank of {layer.name} restarts",
                     RuntimeWarning,
                 )
-            state["coef_bank"] = like.new_zeros(period, micros, batch, *unit_shape)
-            state["coef_size"] = torch.zeros(period, micros, dtype=torch.int64, device=like.device)
-            state["coef_trace"] = like.new_zeros(period, micros, *unit_shape)
+            state["coef_bank"] = like.new_zeros(rows, micros, batch, *unit_shape)
+            state["coef_size"] = torch.zeros(rows, micros, dtype=torch.int64, device=like.device)
+            state["coef_trace"] = like.new_zeros(rows, micros, *unit_shape)
             self._host_sizes[id(layer)] = {}
         bank = state["coef_bank"]
+        if period is None and bank.shape[0] < slots:  # learning the epoch length: more rows
+            for key in self._stacked_keys:
+                old = state[key]
+                grown = old.new_zeros(rows, *old.shape[1:])
+                grown[: old.shape[0]] = old
+                state[key] = grown
+            bank = state["coef_bank"]
         if micros > bank.shape[1] or batch > bank.shape[2]:
             micro_cap, batch_cap = max(micros, bank.shape[1]), max(batch, bank.shape[2])
-            grown = like.new_zeros(period, micro_cap, batch_cap, *unit_shape)
+            grown = like.new_zeros(bank.shape[0], micro_cap, batch_cap, *unit_shape)
             grown[:, : bank.shape[1], : bank.shape[2]] = bank
-            sizes = state["coef_size"].new_zeros(period, micro_cap)
+            sizes = state["coef_size"].new_zeros(bank.shape[0], micro_cap)
             sizes[:, : bank.shape[1]] = state["coef_size"]
-            traces = like.new_zeros(period, micro_cap, *unit_shape)
+            traces = like.new_zeros(bank.shape[0], micro_cap, *unit_shape)
             traces[:, : bank.shape[1]] = state["coef_trace"]
             state["coef_bank"], state["coef_size"], state["coef_trace"] = grown, sizes, traces
         return state
@@ -823,7 +880,7 @@ class FNGD(LayerwiseOptimizer):
                 per_layer.append(None)  # e.g. a layer that did not run: it cannot serve these samples
                 continue
             entries = sorted(entries or [], key=lambda entry: entry[1])
-            empty = torch.zeros(0, *self._coefficient_shape(layer), device=layer.weight.device)
+            empty = torch.zeros(0, *self._coefficient_shape(layer), dtype=torch.float32, device=layer.weight.device)
             per_layer.append(tuple(torch.cat([empty] + [e[k] for e in entries]) for k in (2, 3)))
         ids, per_layer = self._gather_across_ranks(ids, per_layer)
         positions, rows = self._sample_index.add(ids)

@@ -29,7 +29,7 @@ import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 from transformers.trainer_utils import has_length
 
-from .base import LayerwiseOptimizer
+from .base import LayerwiseOptimizer, direction_tag
 from .checkpointing import restore_on_load, save_rank_state
 from .cwngd import CWNGD
 from .kfac import KFAC
@@ -38,14 +38,16 @@ from .sample_sharing import sample_keys
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("fngd", "ngd", "cwngd", "kfac", "sngd", "shampoo", "adamw", "sgd")
-# Learning rates the recipe uses when none is given. FNGD, NGD, CW-NGD, K-FAC, SGD and Shampoo: the
+OPTIMIZERS = ("fngd", "ngd", "cwngd", "kfac", "sngd", "shampoo", "muon", "adamw", "sgd")
+# Learning rates the recipe uses when none is given. Muon: AdamW's (its default lr adjustment matches
+# AdamW's update RMS, fngd_hf/muon.py). FNGD, NGD, CW-NGD, K-FAC, SGD and Shampoo: the
 # best of the CPU convergence benchmark at their default settings (README, Convergence; Shampoo's
 # statistics are sums, so it needs a large rate: 1e-3 and below did not train). AdamW keeps the
 # usual Transformer 5e-4: its benchmark best, 2e-3, was measured with warmup and sits next to a
 # collapse at 3e-3. SNGD's best (3e-2) was measured with trust_ratio=0.1, which is not its default.
 DEFAULT_LEARNING_RATES = {
-    "fngd": 1e-2, "ngd": 1e-2, "cwngd": 1e-2, "kfac": 3e-2, "sngd": 1e-1, "shampoo": 1e-1, "adamw": 5e-4, "sgd": 3e-1,
+    "fngd": 1e-2, "ngd": 1e-2, "cwngd": 1e-2, "kfac": 3e-2, "sngd": 1e-1, "shampoo": 1e-1, "muon": 5e-4, "adamw": 5e-4,
+    "sgd": 3e-1,
 }
 # Methods built on LayerwiseOptimizer: the trainer scales their loss and clips their update.
 LAYERWISE = ("fngd", "ngd", "cwngd", "kfac", "sngd")
@@ -94,7 +96,8 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         metadata={
             "help": "fngd: FNGD with coefficient sharing; ngd: the same with coefficients recomputed every step; "
             "cwngd: component-wise NGD (FNGD's settings); kfac: K-FAC; sngd: structured NGD; shampoo: Shampoo from "
-            "pytorch-optimizer (extra `shampoo`); adamw: the Trainer's own optimizer (`optim`); sgd: torch.optim.SGD "
+            "pytorch-optimizer (extra `shampoo`); muon: torch.optim.Muon on the same 2-D weights FNGD manages, AdamW on the "
+            "rest (fngd_hf.muon.MuonHybrid); adamw: the Trainer's own optimizer (`optim`); sgd: torch.optim.SGD "
             "with momentum 0.9. kfac/sngd/shampoo take their own settings from `optim_args` "
             "(e.g. 'damping=1e-3,inverse_update_freq=10'); the FNGD layers' momentum, weight decay and targets "
             "come from the fngd_* fields.",
@@ -362,7 +365,7 @@ class FNGDTrainer(Seq2SeqTrainer):
             opt_model = self.model if model is None else model
             if name in ("fngd", "ngd", "cwngd"):
                 self.optimizer = self._build_fngd(opt_model, share=name != "ngd", cls=CWNGD if name == "cwngd" else FNGD)
-            elif name in ("kfac", "sngd", "shampoo"):
+            elif name in ("kfac", "sngd", "shampoo", "muon"):
                 self.optimizer = self._build_peer(opt_model, name)
             elif name == "sgd":
                 self.optimizer = self._build_sgd(opt_model)
@@ -386,6 +389,11 @@ class FNGDTrainer(Seq2SeqTrainer):
             adamw_no_decay=self._no_decay_names(model),
         )
         extra = parse_optim_args(args.optim_args)
+        if name == "muon":
+            from .muon import build_muon  # torch.optim.Muon: torch >= 2.9
+
+            common.pop("momentum")  # Muon's own default (0.95), or optim_args
+            return build_muon(model, **common, **extra)
         if name == "shampoo":
             from .shampoo import build_shampoo  # optional dependency: a clear ImportError if missing
 
@@ -462,6 +470,7 @@ class FNGDTrainer(Seq2SeqTrainer):
                     stacklevel=3,
                 )
             opt.steps_per_epoch = period
+        opt.accumulation_declared_by = "FNGDTrainer"  # it scales every micro-batch loss itself
         micro = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         if opt.gradient_accumulation_steps != micro:
             opt.gradient_accumulation_steps = micro
@@ -505,8 +514,9 @@ class FNGDTrainer(Seq2SeqTrainer):
         return _global_norm([p.grad for p in plain])
 
     def _record_direction_norm(self, params) -> None:
-        if params:
-            self._fngd_direction_norm = _global_norm([p.grad.detach() for p in params])
+        opt = self.fngd_optimizer
+        if params and opt._writes_directions:  # .grad holds the direction times its tag
+            self._fngd_direction_norm = _global_norm([p.grad.detach() for p in params]) / direction_tag(params[0].dtype)
 
     # ------------------------------------------------------------------------------ logging
     def train(self, *args, **kwargs):

@@ -1,14 +1,23 @@
 """Translate with a saved model folder, and ``pipeline("translation")`` on transformers 5.
 
-transformers 5 removed the ``translation`` pipeline task. Importing ``fngd_hf`` registers
-:class:`TranslationPipeline` under that name when the installed transformers lacks it, so
-``pipeline("translation", model=folder)`` works as it did on 4.x (same output format:
-``[{"translation_text": ...}]``). :func:`translate` does the same without the pipeline machinery.
+transformers 5 removed the ``translation`` pipeline task. Importing ``fngd_hf.translate`` (not
+``fngd_hf`` itself) registers :class:`TranslationPipeline` under that name when the installed
+transformers lacks it, so ``pipeline("translation", model=folder)`` works as it did on 4.x (same
+output format: ``[{"translation_text": ...}]``). :func:`translate` does the same without the
+pipeline machinery.
+
+A checkpoint can carry the pipeline itself, for users who never install fngd_hf:
+:func:`save_translation_pipeline` copies this file into the folder and names it in
+``config.json`` (``custom_pipelines``), so ``pipeline(model=folder, trust_remote_code=True)``
+loads it. This file therefore imports nothing but torch and transformers.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import transformers.pipelines
@@ -108,4 +117,40 @@ def translate(
     return outputs
 
 
-register_translation_pipeline()
+# The file name and class a checkpoint's config.json points to (``custom_pipelines``). The task is not
+# called "translation": a custom task of that name would shadow the registered one above, and
+# pipeline("translation", model=folder) would then demand trust_remote_code even with fngd_hf installed.
+PIPELINE_FILE = "translation_pipeline.py"
+CUSTOM_TASK = "custom-translation"
+CUSTOM_PIPELINES = {
+    CUSTOM_TASK: {
+        "impl": f"{Path(PIPELINE_FILE).stem}.{TranslationPipeline.__name__}",
+        "pt": ["AutoModelForSeq2SeqLM"],
+        "type": "text",
+    }
+}
+
+
+def save_translation_pipeline(model_dir: str | Path) -> Path:
+    """Ship :class:`TranslationPipeline` inside a saved model folder as a custom pipeline.
+
+    Copies this module to ``model_dir/translation_pipeline.py`` and adds ``custom_pipelines`` to
+    ``model_dir/config.json``; then ``pipeline(model=model_dir, trust_remote_code=True)`` works on
+    transformers 5 without fngd_hf installed. Returns the path of the copied file.
+    """
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{model_dir} has no config.json: save the model there first")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["custom_pipelines"] = CUSTOM_PIPELINES
+    target = model_dir / PIPELINE_FILE
+    shutil.copyfile(Path(__file__), target)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return target
+
+
+# Only an explicit ``import fngd_hf.translate`` registers the task: the copy a checkpoint ships is
+# loaded under another module name and must not change the global pipeline registry.
+if __name__ == "fngd_hf.translate":
+    register_translation_pipeline()

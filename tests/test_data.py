@@ -119,6 +119,36 @@ def test_hub_layout_renames_test_split(monkeypatch):
         load_multi30k(source_lang="fr")
 
 
+def test_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
+    def offline(name, cache_dir=None):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)\nmore lines of detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(data.DataUnavailableError) as error:
+        load_multi30k()
+    assert str(error.value) == ("could not load the Hub dataset 'bentrevett/multi30k': "
+                                "Couldn't reach 'bentrevett/multi30k' on the Hub (OfflineModeIsEnabled)")
+    assert isinstance(error.value, ValueError)
+
+
+def test_missing_files_and_what_a_folder_must_hold(tmp_path):
+    folder = make_corpus(tmp_path)
+    (folder / "train.de").unlink()
+    with pytest.raises(data.DataUnavailableError, match=r"missing file .*train\.de \(or train\.de\.gz\)"):
+        load_multi30k(data_dir=folder)
+    text = data.expected_files("de", "en")
+    assert text.startswith("train.de, train.en, val.de, val.en (required)")
+    assert all(f"{stem}.*" in text for stem in data.TEST_SETS)
+
+
+def test_cap_splits_keeps_the_full_sizes_apart(tmp_path):
+    full = load_multi30k(data_dir=make_corpus(tmp_path, tests=("test_2016_flickr", "test_2018_flickr")))
+    capped = data.cap_splits(full, max_train_samples=1, max_eval_samples=5, max_test_samples=1)
+    assert {name: split.num_rows for name, split in capped.items()} == {
+        "train": 1, "validation": 2, "test_2016_flickr": 1, "test_2018_flickr": 1}
+    assert full["train"].num_rows == 3  # the caller still knows what it left out
+
+
 @pytest.mark.skipif(not real_data_available(), reason="real Multi30K not present")
 def test_real_multi30k():
     dataset = load_multi30k(data_dir=REAL_DATA)

@@ -1,36 +1,30 @@
 """End to end: run recipes/multi30k.py on a few hundred pairs, reload its output offline,
-check results.json and the model card; push to a fake Hub; resume; config file + flags."""
+check results.json and the model card; a collapsed run; push to a fake Hub; resume; config file + flags."""
 
-import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
 from multi30k_fixtures import REAL_DATA, REPO, real_data_available, write_synthetic_corpus
+from recipe_module import RECIPE, load_recipe_module
 from transformers import pipeline
 
-from fngd_hf.translate import load_translator, translate
+from fngd_hf.model_card import absolute_paths
+from fngd_hf.translate import load_translator, translate  # also registers pipeline("translation")
 
-RECIPE = REPO / "recipes" / "multi30k.py"
+# One epoch on 200 pairs leaves a tiny model that ignores its source (the shuffled-source check
+# says so), so these plumbing runs keep exit code 0 with --fail_on_collapse False; the collapse
+# itself is tested in test_collapsed_run_fails_loudly_and_keeps_everything.
 TINY_ARGS = [
     "--preset", "tiny", "--max_train_samples", "200", "--max_eval_samples", "16", "--max_predict_samples", "16",
     "--vocab_size", "400", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16",
     "--max_generation_length", "16", "--beam_size", "2", "--learning_rate", "3e-3",
-    "--use_cpu", "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "5",
+    "--use_cpu", "--disable_tqdm", "True", "--logging_steps", "5",
 ]
-
-
-def load_recipe_module():
-    if "multi30k_recipe" in sys.modules:
-        return sys.modules["multi30k_recipe"]
-    spec = importlib.util.spec_from_file_location("multi30k_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["multi30k_recipe"] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,8 @@ def expected_test_splits(data_dir):
     return {s for s in stems if (data_dir / f"{s}.de").exists() or (data_dir / f"{s}.de.gz").exists()}
 
 
-def run_recipe(output_dir, data_dir, optimizer, *extra):
+def run_recipe(output_dir, data_dir, optimizer, *extra, returncode=0):
+    """Run the recipe as a user would; returns (output_dir, stdout + stderr)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "TOKENIZERS_PARALLELISM": "false",
            # tiny model: one thread is as fast, and spinning OpenMP threads crawl when the CPUs are shared
@@ -53,11 +48,39 @@ def run_recipe(output_dir, data_dir, optimizer, *extra):
     command = [sys.executable, str(RECIPE), "--output_dir", str(output_dir), "--data_dir", str(data_dir),
                "--optimizer", optimizer, "--num_train_epochs", "1", *TINY_ARGS, *extra]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return output_dir
+    assert done.returncode == returncode, done.stdout[-3000:] + done.stderr[-5000:]
+    return output_dir, done.stdout + done.stderr
 
 
-def check_output(output_dir, data_dir, optimizer):
+def card_meta(output_dir) -> dict:
+    return yaml.safe_load((output_dir / "README.md").read_text(encoding="utf-8").split("---\n")[1])
+
+
+def check_card_is_truthful(output_dir, data_dir, results):
+    """What was evaluated, where the data came from, no local paths, one training time."""
+    card = (output_dir / "README.md").read_text(encoding="utf-8")
+    assert absolute_paths(card) == [] and str(data_dir) not in card and str(output_dir) not in card
+    assert "local files" in card and "bentrevett" not in card and "datasets" not in card_meta(output_dir)
+    for split, scores in results["test"].items():
+        assert scores["num_beams"] == 2
+        if scores["examples"] < scores["total_examples"]:  # a subset is named as one, never as the split
+            assert f"| {split} | first {scores['examples']} of {scores['total_examples']:,} | 2 |" in card
+        else:
+            assert f"| {split} | all {scores['total_examples']:,} | 2 |" in card
+    entries = card_meta(output_dir)["model-index"][0]["results"]
+    labels = {e["dataset"]["split"] for e in entries}
+    assert labels == {s if v["examples"] == v["total_examples"] else f"{s}[:{v['examples']}]"
+                      for s, v in results["test"].items()}
+    assert "AutoModelForSeq2SeqLM.from_pretrained" in card and "model.generate(**batch)" in card
+    # One definition of the training time, in results.json, the card and the printed line.
+    seconds = results["train"]["train_seconds"]
+    assert "train_runtime" not in results["train"] and "train_seconds" not in results["validation"]
+    assert results["definitions"]["train_seconds"] in card
+    assert f"| training time | {seconds:.0f} s (" in card
+    return card
+
+
+def check_output(output_dir, data_dir, optimizer, log=""):
     names = {p.name for p in output_dir.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "README.md", "results.json"} <= names
@@ -70,12 +93,14 @@ def check_output(output_dir, data_dir, optimizer):
         assert len(lines) - 1 == results["test"][split]["examples"] <= 16  # one line per hypothesis
     validation = results["validation"]
     assert {"eval_loss", "eval_bleu", "eval_chrf", "eval_source_gap", "eval_source_collapsed"} <= set(validation)
-    assert results["optimizer"] == optimizer
+    assert (validation["eval_examples"], validation["eval_num_beams"]) == (16, 2)
+    assert results["optimizer"] == optimizer and results["data"]["source"] == "local files"
 
-    meta = yaml.safe_load((output_dir / "README.md").read_text(encoding="utf-8").split("---\n")[1])
+    meta = card_meta(output_dir)
     assert {"translation", "fngd", optimizer} <= set(meta["tags"]) and meta["language"] == ["en", "de"]
-    card_splits = {entry["dataset"]["split"] for entry in meta["model-index"][0]["results"]}
-    assert card_splits == splits
+    check_card_is_truthful(output_dir, data_dir, results)
+    printed = re.search(r"training took ([0-9.]+) s", log)
+    assert printed and float(printed.group(1)) == pytest.approx(results["train"]["train_seconds"], abs=0.05)
 
     model, tokenizer = load_translator(str(output_dir))
     outputs = translate(model, tokenizer, ["A dog runs.", "Two men are outside."], max_length=16)
@@ -86,9 +111,10 @@ def check_output(output_dir, data_dir, optimizer):
 
 
 def test_recipe_adamw(tmp_path, data_dir):
-    output_dir = run_recipe(tmp_path / "adamw", data_dir, "adamw")
-    check_output(output_dir, data_dir, "adamw")
-    assert "Optimizer used: **AdamW**" in (output_dir / "README.md").read_text(encoding="utf-8")
+    output_dir, log = run_recipe(tmp_path / "adamw", data_dir, "adamw", "--fail_on_collapse", "False")
+    check_output(output_dir, data_dir, "adamw", log)
+    card = (output_dir / "README.md").read_text(encoding="utf-8")
+    assert "Optimizer used: **AdamW**" in card and "| betas | 0.9/0.999 |" in card
 
 
 @pytest.mark.parametrize(
@@ -100,20 +126,45 @@ def test_recipe_learns_a_toy_language_pair(tmp_path, optimizer, learning_rate):
     """On a word-for-word toy corpus a few epochs give high BLEU, and the shuffled-source check sees
     a model that uses its source (not collapsed)."""
     data_dir = write_synthetic_corpus(tmp_path / "toy", sizes={"train": 600, "val": 32, "test_2016_flickr": 32})
-    output_dir = run_recipe(tmp_path / "toy_out", data_dir, optimizer, "--num_train_epochs", "8", "--vocab_size", "300",
-                            "--learning_rate", learning_rate, "--warmup_steps", "20", "--max_train_samples", "600",
-                            "--max_generation_length", "40", "--eval_strategy", "no", "--save_strategy", "no")
+    output_dir, _ = run_recipe(tmp_path / "toy_out", data_dir, optimizer, "--num_train_epochs", "8", "--vocab_size", "300",
+                               "--learning_rate", learning_rate, "--warmup_steps", "20", "--max_train_samples", "600",
+                               "--max_generation_length", "40", "--eval_strategy", "no", "--save_strategy", "no")
     results = json.loads((output_dir / "results.json").read_text())
     assert results["validation"]["eval_source_collapsed"] == 0.0
     assert results["validation"]["eval_source_gap"] > 0.5
+    assert results["source_check"]["passed"] is True  # and so the run exited 0 with fail_on_collapse on
     assert results["test"]["test_2016_flickr"]["bleu"] > 50
+    card = (output_dir / "README.md").read_text(encoding="utf-8")
+    assert "Shuffled-source check: **passed**" in card and "failed the shuffled-source check" not in card
+    assert "failed-source-check" not in card_meta(output_dir)["tags"]
 
 
 def test_recipe_fngd(tmp_path, data_dir):
-    output_dir = run_recipe(tmp_path / "fngd", data_dir, "fngd")
-    check_output(output_dir, data_dir, "fngd")
+    output_dir, log = run_recipe(tmp_path / "fngd", data_dir, "fngd", "--fail_on_collapse", "False")
+    check_output(output_dir, data_dir, "fngd", log)
     card = (output_dir / "README.md").read_text(encoding="utf-8")
-    assert "Optimizer used: **FNGD" in card and "fngd_hf.optimizer.FNGD" in card
+    assert "Optimizer used: **FNGD" in card and "| class | fngd_hf.optimizer.FNGD |" in card
+    optimizer_section = card.split("## Optimizer")[1].split("## Training")[0]
+    assert "| damping | 0.1 (relative" in optimizer_section and "| trust ratio | 1 |" in optimizer_section
+    assert "[" not in optimizer_section and "{" not in optimizer_section  # no per-group dumps
+    assert len(optimizer_section.splitlines()) < 25
+
+
+def test_collapsed_run_fails_loudly_and_keeps_everything(tmp_path, data_dir):
+    """A model that ignores its source (here: barely trained) ends the run with exit code 3 and one message
+    saying what to change; the model, results.json and a card saying it failed are all written."""
+    output_dir, log = run_recipe(tmp_path / "collapsed", data_dir, "adamw", "--max_steps", "1", "--learning_rate", "1e-9",
+                                 "--save_strategy", "no", returncode=3)
+    errors = [line for line in log.splitlines() if line.startswith("multi30k.py: error:")]
+    assert len(errors) == 1 and "Traceback" not in log
+    assert "ignores its source" in errors[0] and "--learning_rate" in errors[0]
+    assert "--per_device_train_batch_size" in errors[0] and "--fail_on_collapse False" in errors[0]
+    results = check_output(output_dir, data_dir, "adamw", log)  # every file is there
+    assert results["source_check"]["ran"] and results["source_check"]["passed"] is False
+    assert results["source_check"]["source_gap"] < results["source_check"]["min_gap"]
+    card = (output_dir / "README.md").read_text(encoding="utf-8")
+    assert card.split("\n# ")[1].split("\n\n")[1].startswith("> **Warning: this checkpoint failed the shuffled-source check.**")
+    assert "Shuffled-source check: **failed**" in card and "failed-source-check" in card_meta(output_dir)["tags"]
 
 
 class FakeHfApi:
@@ -148,6 +199,7 @@ def test_push_to_hub_and_resume_in_process(tmp_path, data_dir, monkeypatch, capl
     given = train_tokenizer(load_multi30k(data_dir=data_dir, max_train_samples=100)["train"], ["en", "de"], vocab_size=350)
     given.save_pretrained(tmp_path / "given_tokenizer")
     common = ["--tokenizer_name", str(tmp_path / "given_tokenizer"), "--output_dir", str(output_dir), "--data_dir", str(data_dir), "--optimizer", "adamw", *TINY_ARGS,
+              "--fail_on_collapse", "False",
               "--max_train_samples", "64", "--max_predict_samples", "4", "--max_eval_samples", "4",
               "--max_generation_length", "6", "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "2"]
     recipe.main([*common, "--max_steps", "2", "--do_eval", "False"])
@@ -166,7 +218,8 @@ def test_push_to_hub_and_resume_in_process(tmp_path, data_dir, monkeypatch, capl
     assert FakeHfApi.calls[0] == ("create_repo", "me/m30k-tiny", True)
     kind, repo, files, ignore = FakeHfApi.calls[1]
     assert (kind, repo) == ("upload_folder", "me/m30k-tiny")
-    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(files)
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
+            "translation_pipeline.py"} <= set(files)
     assert any(pattern.startswith("checkpoint-") for pattern in ignore)
     meta = yaml.safe_load((output_dir / "README.md").read_text(encoding="utf-8").split("---\n")[1])
     assert meta["model-index"][0]["name"] == "me/m30k-tiny"

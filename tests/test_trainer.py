@@ -341,7 +341,7 @@ class RecordNorms(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         opt = unwrap_fngd(optimizer)
-        norm = lambda ps: float(torch.stack([p.grad.norm() for p in ps if p.grad is not None]).norm())  # noqa: E731
+        norm = lambda ps: float(torch.stack([opt.direction(p).norm() for p in ps if p.grad is not None]).norm())  # noqa: E731
         fngd = [p for g in opt.param_groups if g["fngd"] for p in g["params"]]
         plain = [p for g in opt.param_groups if not g["fngd"] for p in g["params"]]
         self.records.append((norm(fngd), norm(plain)))

@@ -1,0 +1,197 @@
+"""Muon baseline: torch's own ``torch.optim.Muon`` on the weights of FNGD's layers, AdamW on the rest.
+
+Muon is not implemented here. :class:`MuonHybrid` splits a model exactly as :class:`~fngd_hf.FNGD`
+does (:func:`fngd_hf.layers.select_modules`: every ``nn.Linear``/``Conv1D`` except vocabulary heads,
+or ``target_modules``): the 2-D weights of those layers go to ``torch.optim.Muon``; their biases and
+every other trainable parameter (embeddings, LayerNorm, a tied output head) to ``torch.optim.AdamW``.
+Groups carry ``"use_muon": True`` or ``False``.
+
+The two inner optimizers are real torch optimizers whose group dicts *are* this optimizer's
+``param_groups`` and whose ``state`` is this optimizer's ``state``, so an LR scheduler (and the
+Hugging Face Trainer) acts on both, each part's update is bit for bit that of torch's class, and
+``state_dict()`` is the ordinary ``torch.optim`` format (loadable with ``weights_only=True``).
+
+What ``lr`` means: with ``adjust_lr_fn="match_rms_adamw"`` (the default here; ``None`` selects it)
+torch scales Muon's step on an ``A×B`` weight to ``0.2·lr·sqrt(max(A, B))``, which gives the
+orthogonalised update the RMS of a typical AdamW update (Liu et al., 2025, "Muon is Scalable for LLM
+Training"). So ``lr`` is an AdamW-scale learning rate: Muon runs at AdamW's rate, and the AdamW part
+uses the same rate unless ``adamw_lr`` is given. With ``adjust_lr_fn="original"`` (Keller Jordan's
+scale, ``lr·sqrt(max(1, A/B))``) ``lr`` is Muon's own, typically 0.02, and ``adamw_lr`` should then be
+set to an AdamW rate. Note that torch's Muon reads a weight's shape as stored: a transformers
+``Conv1D`` stores ``(in, out)``, so under "original" its ``A/B`` is the inverse of an ``nn.Linear``'s;
+"match_rms_adamw" is symmetric in ``A`` and ``B`` and unaffected.
+
+Requires a torch with ``torch.optim.Muon`` (2.9 or later).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .base import weight_decay_groups
+from .layers import layer_parameters, select_modules
+
+ADJUST_LR_FNS = ("original", "match_rms_adamw")
+DEFAULT_ADJUST_LR_FN = "match_rms_adamw"
+
+
+def _muon_class():
+    muon = getattr(torch.optim, "Muon", None)
+    if muon is None:
+        raise ImportError(f"MuonHybrid needs torch.optim.Muon (torch 2.9 or later); this is torch {torch.__version__}")
+    return muon
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class MuonHybrid(torch.optim.Optimizer):
+    """``torch.optim.Muon`` on the 2-D weights of the layers FNGD manages, ``torch.optim.AdamW`` on the rest.
+
+    Args:
+        model: the model (an ``nn.Module``); the split is made from its modules.
+        lr: Muon's learning rate; with the default ``adjust_lr_fn`` an AdamW-scale rate (see the module
+            docstring). Also the AdamW part's rate unless ``adamw_lr`` is given.
+        momentum, nesterov: Muon's momentum (``0 <= momentum < 1``) and Nesterov switch (torch's defaults).
+        weight_decay: Muon's decoupled weight decay (``param *= 1 - lr·weight_decay``).
+        adjust_lr_fn: ``"match_rms_adamw"`` (default; ``None`` means the same) or ``"original"``.
+        target_modules: which layers, as for FNGD (default: every Linear/Conv1D but vocabulary heads).
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: the AdamW part (``adamw_lr`` defaults to ``lr``).
+        adamw_no_decay: names from ``model.named_parameters()`` exempt from the AdamW part's weight decay.
+
+    ``self.muon`` and ``self.adamw`` are the inner optimizers (``None`` when a part is empty);
+    ``self.managed_modules`` the layers whose weights Muon steps. ``add_param_group`` is not supported.
+    """
+
+    @classmethod
+    def factory(cls):
+        """For ``Trainer(optimizer_cls_and_kwargs=(MuonHybrid.factory, kwargs))``: transformers 5 calls
+        ``factory()(model, **kwargs)`` for anything that is not an optimizer class."""
+        return cls
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        momentum: float = 0.95,
+        weight_decay: float = 0.0,
+        nesterov: bool = True,
+        adjust_lr_fn: str | None = None,
+        target_modules: Iterable[str] | None = None,
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        *,
+        adamw_no_decay: Iterable[str] | None = None,
+    ):
+        muon_class = _muon_class()
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"MuonHybrid takes the model (an nn.Module), got {type(model).__name__}: it finds the layers "
+                f"to hand to Muon itself. With a Trainer pass optimizers=(MuonHybrid(model, ...), None)."
+            )
+        if not (_real(lr) and lr > 0.0):
+            raise ValueError(f"Invalid lr: {lr} (a finite number > 0)")
+        if not (_real(momentum) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"Invalid momentum: {momentum} (must be in [0, 1))")
+        if not (_real(weight_decay) and weight_decay >= 0.0):
+            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"Invalid nesterov: {nesterov!r} (True or False)")
+        adjust_lr_fn = DEFAULT_ADJUST_LR_FN if adjust_lr_fn is None else adjust_lr_fn
+        if adjust_lr_fn not in ADJUST_LR_FNS:
+            raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r} (expected one of {ADJUST_LR_FNS} or None)")
+        adamw_lr = lr if adamw_lr is None else adamw_lr
+        if not (_real(adamw_lr) and adamw_lr > 0.0):
+            raise ValueError(f"Invalid adamw_lr: {adamw_lr} (a finite number > 0, or None)")
+        betas = tuple(adamw_betas) if isinstance(adamw_betas, (tuple, list)) else ()
+        if len(betas) != 2 or not all(_real(b) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Invalid adamw_betas: {adamw_betas} (two numbers in [0, 1))")
+        if not (_real(adamw_eps) and adamw_eps >= 0.0):
+            raise ValueError(f"Invalid adamw_eps: {adamw_eps} (must be >= 0)")
+        if not (_real(adamw_weight_decay) and adamw_weight_decay >= 0.0):
+            raise ValueError(f"Invalid adamw_weight_decay: {adamw_weight_decay} (must be >= 0)")
+
+        modules = select_modules(model, target_modules)
+        # Muon takes matrices only: the layers' biases go to AdamW. A weight shared by two layers once.
+        weights = list({id(p): p for m in modules.values() for p in layer_parameters(m) if p.ndim == 2}.values())
+        weight_ids = {id(p) for p in weights}
+        # model.parameters() already yields a tied parameter once; model order keeps checkpoints stable.
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in weight_ids]
+        adamw_groups = weight_decay_groups(model, others, adamw_weight_decay, adamw_no_decay)
+        if not weights and not others:
+            raise ValueError("The model has no trainable parameters")
+
+        self.muon = None
+        if weights:
+            self.muon = muon_class(
+                [{"params": weights, "use_muon": True}],
+                lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn,
+            )
+        self.adamw = None
+        if adamw_groups:
+            self.adamw = torch.optim.AdamW(
+                [{"params": params, "use_muon": False, "weight_decay": decay} for params, decay in adamw_groups],
+                lr=adamw_lr, betas=betas, eps=adamw_eps, weight_decay=adamw_weight_decay,
+            )
+        self.optimizers = [o for o in (self.muon, self.adamw) if o is not None]
+        self._ready = False
+        # add_param_group keeps the very dicts it is given; "lr" is in every group, so the defaults add nothing.
+        super().__init__([g for o in self.optimizers for g in o.param_groups], dict(lr=lr))
+        self._ready = True
+        self._link()
+        self.managed_modules = dict(modules)
+
+    def _link(self) -> None:
+        """One ``state`` for all (the parts' parameters are disjoint) and the parts' own group dicts."""
+        state: defaultdict = defaultdict(dict)
+        for optimizer in self.optimizers:
+            state.update(optimizer.state)
+            optimizer.state = state
+        self.state = state
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self._ready:
+            raise NotImplementedError("MuonHybrid cannot add parameter groups: build a new one from the model")
+        super().add_param_group(param_group)
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Hand each part its own groups and state (torch's own loading), then relink the shared views."""
+        saved_groups = state_dict["param_groups"]
+        flags = [bool(g.get("use_muon")) for g in saved_groups]
+        if flags != [bool(g["use_muon"]) for g in self.param_groups]:
+            raise ValueError(
+                f"the loaded state dict's groups (use_muon {flags}) do not match this optimizer's "
+                f"({[g['use_muon'] for g in self.param_groups]}): it was saved for another model, "
+                f"target_modules or adamw_no_decay"
+            )
+        start = 0
+        for optimizer in self.optimizers:
+            groups = saved_groups[start : start + len(optimizer.param_groups)]
+            start += len(optimizer.param_groups)
+            ids = {i for g in groups for i in g["params"]}
+            state = {i: v for i, v in state_dict["state"].items() if i in ids}
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self._link()
+
+
+def build_muon(model: nn.Module, **kwargs) -> MuonHybrid:
+    """``MuonHybrid(model, **kwargs)``: Muon on FNGD's layers' weights, AdamW elsewhere (see :class:`MuonHybrid`)."""
+    return MuonHybrid(model, **kwargs)
