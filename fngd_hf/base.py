@@ -187,6 +187,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.clip_update_norm = clip_update_norm
+        self._adamw_defaults = dict(betas=tuple(adamw_betas), eps=adamw_eps, lr_ratio=adamw_lr / lr)
         self.global_step = 0
         self.skipped_steps = 0
         self._capture_enabled = True
@@ -207,7 +208,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._rescale: torch.Tensor | None = None  # this step's undo factor for an external rescale
         self._rescale_warned = False
         self._layers: list[CapturedLayer] = [
-            attach(name, module, self._capture_gradient, lambda: self._capture_enabled)
+            attach(name, module, self._capture_gradient, self._capturing)
             for name, module in modules.items()
         ]
         for index, layer in enumerate(self._layers):
@@ -236,7 +237,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def adamw_parameters(self) -> list[nn.Parameter]:
         """The parameters AdamW updates: the ones whose ``.grad`` is an ordinary gradient (e.g. for
         ``accelerator.clip_grad_norm_``; the managed layers' ``.grad`` is the natural-gradient direction)."""
-        return [p for group in self.param_groups if not group["fngd"] for p in group["params"]]
+        return [p for group in self.param_groups if not group["fngd"] or self._managed_by_adamw() for p in group["params"]]
+
+    def _managed_by_adamw(self) -> bool:
+        """Whether the managed layers are trained by AdamW on their plain gradient now (FNGD's
+        ``shared_phase="adamw"`` after the first epoch)."""
+        return False
+
+    def _capturing(self) -> bool:
+        """Whether the managed layers' backward computes directions now (train mode, not handed to AdamW)."""
+        return self._capture_enabled and not self._managed_by_adamw()
 
     def direction(self, param: nn.Parameter) -> torch.Tensor | None:
         """What ``param.grad`` holds, as the optimizer will use it: for a managed layer whose backward ran
@@ -428,7 +438,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 )
         else:
             for group in self.param_groups:
-                if group["fngd"]:
+                if group["fngd"] and self._managed_by_adamw():
+                    self._adamw_group_step(self._adamw_settings_for(group))
+                elif group["fngd"]:
                     self._managed_group_step(group)
                 else:
                     self._adamw_group_step(group)
@@ -610,6 +622,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 stacklevel=4,
             )
 
+    def _adamw_settings_for(self, group: dict) -> dict:
+        """The managed layers' group as AdamW runs it: the AdamW part's (scheduled) rate and constants,
+        the layers' own weight decay."""
+        adamw = next((g for g in self.param_groups if not g["fngd"]), None)
+        if adamw is None:  # a model of managed layers only: the AdamW rate relative to lr, as set at construction
+            return dict(group, betas=self._adamw_defaults["betas"], eps=self._adamw_defaults["eps"],
+                        lr=group["lr"] * self._adamw_defaults["lr_ratio"])
+        return dict(params=group["params"], lr=adamw["lr"], betas=adamw["betas"], eps=adamw["eps"],
+                    weight_decay=group["weight_decay"])
+
     def _adamw_group_step(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
@@ -618,7 +640,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__}'s AdamW part does not support sparse gradients")
             state = self.state[p]
-            if len(state) == 0:
+            if "exp_avg" not in state:  # new, or a managed layer handed to AdamW (its state holds other keys)
                 state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -28,6 +28,9 @@ _DEFERRED_MAX_BYTES = 1 << 30
 # (so they sum to the whole step's loss: FNGDTrainer, `loss / len(window)`), or always by
 # gradient_accumulation_steps (accelerate's `accelerator.backward`, also in an epoch's shorter last window).
 _LOSS_DIVISORS = ("micro_batches", "gradient_accumulation_steps")
+# What the managed layers do after the first epoch: reuse its coefficients (the paper), or train with
+# AdamW on their plain gradient (the first epoch's natural gradient as a warm start; README, Convergence).
+_SHARED_PHASES = ("coefficients", "adamw")
 # The batched path asks the autograd engine which backward is running and whether it writes .grad
 # (private torch API, as DDP and FSDP use it); a torch without it keeps the per-layer path.
 _ENGINE_QUERIES = all(hasattr(torch._C, name) for name in ("_current_graph_task_id", "_will_engine_execute_node")) \
@@ -158,6 +161,7 @@ class FNGD(LayerwiseOptimizer):
         solve_check: str = "auto",
         batch_layers: bool | str = "auto",
         loss_divided_by: str = "micro_batches",
+        shared_phase: str = "coefficients",
     ):
         if not damping > 0.0:
             raise ValueError(f"Invalid damping: {damping} (must be > 0)")
@@ -181,6 +185,10 @@ class FNGD(LayerwiseOptimizer):
             raise ValueError(f"Invalid solve_check: {solve_check!r} (expected 'auto', 'per_layer' or 'per_step')")
         if batch_layers not in ("auto", True, False):
             raise ValueError(f"Invalid batch_layers: {batch_layers!r} (expected 'auto', True or False)")
+        if shared_phase not in _SHARED_PHASES:
+            raise ValueError(f"Invalid shared_phase: {shared_phase!r} (expected one of {_SHARED_PHASES})")
+        if shared_phase == "adamw" and share_by == "sample":
+            raise ValueError("shared_phase='adamw' switches after the first epoch: it needs share_by='position'")
         if loss_divided_by not in _LOSS_DIVISORS:
             raise ValueError(f"Invalid loss_divided_by: {loss_divided_by!r} (expected one of {_LOSS_DIVISORS})")
         self.steps_per_epoch = steps_per_epoch  # validates before any layer is captured
@@ -208,6 +216,7 @@ class FNGD(LayerwiseOptimizer):
         self.solve_check = solve_check
         self.batch_layers = batch_layers
         self.loss_divided_by = loss_divided_by
+        self.shared_phase = shared_phase
         # Layers waiting for the batched maths, per autograd graph task (a backward; a reentrant
         # checkpoint's backward runs inside another): each task's end runs its own.
         self._deferred: dict[int, list[_DeferredLayer]] = {}
@@ -257,15 +266,17 @@ class FNGD(LayerwiseOptimizer):
     # ---------------------------------------------------------------- backward-time maths
     def _sharing_slot(self) -> int | None:
         """The bank slot of this step: its position in the epoch; while the epoch length is being learnt
-        (an accelerate dataloader says where the first epoch ends), the step itself; ``None``: not stored."""
+        (an accelerate dataloader says where the first epoch ends), the step itself; ``None``: not stored
+        (no sharing, or ``shared_phase="adamw"``, which needs only the epoch length)."""
         if not self.share_coefficients or self.share_by == "sample":
             return None
+        stores = self.shared_phase == "coefficients"
         if self._steps_per_epoch is not None:
-            return self.global_step % self._steps_per_epoch
+            return self.global_step % self._steps_per_epoch if stores else None
         if self.global_step == 0 and _in_accelerate_loop():
             self._learning_epoch_length = True
         if self._learning_epoch_length:
-            return self.global_step
+            return self.global_step if stores else None
         if not self._unknown_epoch_warned:
             self._unknown_epoch_warned = True
             warnings.warn(
@@ -277,6 +288,11 @@ class FNGD(LayerwiseOptimizer):
                 stacklevel=5,
             )
         return None
+
+    def _managed_by_adamw(self) -> bool:
+        period = self._steps_per_epoch
+        return (self.shared_phase == "adamw" and self.share_coefficients and period is not None
+                and self.global_step >= period)
 
     def step(self, closure=None):
         loss = super().step(closure)
@@ -345,7 +361,7 @@ class FNGD(LayerwiseOptimizer):
             return F.apply_sample_weights(x, delta, weights[layer.index], layer.has_bias, layer.transposed)
 
         group = self.param_groups[0]
-        # Both raise before any state changes (missing epoch length, missing sample ids).
+        # Raises before any state changes (missing sample ids).
         slot = self._sharing_slot()
         by_sample = self.share_coefficients and self.share_by == "sample"
         if by_sample:
@@ -979,6 +995,7 @@ class FNGD(LayerwiseOptimizer):
             "share_coefficients": self.share_coefficients,
             "scale_mode": self.scale_mode,
             "share_by": self.share_by,
+            "shared_phase": self.shared_phase,
             "solve_check_fell_back": self._solve_check_fell_back,
             "sample_ids": self._sample_index.to_tensor(),
             "incomplete_layers": sorted(self._incomplete_layers),
@@ -994,7 +1011,7 @@ class FNGD(LayerwiseOptimizer):
 
     def _load_extra_state(self, extra: dict) -> None:
         for key, current in (("share_coefficients", self.share_coefficients), ("share_by", self.share_by),
-                             ("scale_mode", self.scale_mode)):
+                             ("scale_mode", self.scale_mode), ("shared_phase", self.shared_phase)):
             if key in extra and extra[key] != current:
                 warnings.warn(
                     f"the checkpoint was written with {key}={extra[key]!r}, this optimizer has {current!r}: "

@@ -240,13 +240,11 @@ def test_plain_accelerate_loop_equals_the_reference_including_the_short_last_win
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_without_attach_the_short_window_is_off_and_says_so():
-    # Told the accumulation but not accelerate's loss division, the relative-damping correction of the
-    # short window assumes the losses summed to the window's loss (they did not).
-    model, caught = accelerate_run(attach=False, gradient_accumulation_steps=ACCUMULATION)
-    assert any("saw 1 backward passes before step() but gradient_accumulation_steps=2" in w for w in caught)
-    reference = reference_run()
-    assert not torch.allclose(model[0].weight, reference[0].weight, rtol=0, atol=1e-5)
+def test_without_attach_accumulation_in_an_accelerate_loop_is_refused():
+    # Told the accumulation but not accelerate's loss division: FNGD cannot know how each micro-batch loss
+    # was scaled (a stock Trainer looks the same to it), so the first step refuses, naming the fix.
+    with pytest.raises(ValueError, match="attach_accelerator"):
+        accelerate_run(attach=False, gradient_accumulation_steps=ACCUMULATION)
 
 
 def test_attach_accelerator_saves_no_rank_file_for_one_process(tmp_path):
