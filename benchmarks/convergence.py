@@ -39,6 +39,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO / "recipes" / "configs" / "fngd_paper.yaml"
+sys.path.insert(0, str(REPO / "recipes"))  # recipes/ is not a package
+from learning_rates import DEFAULT_LEARNING_RATES  # noqa: E402  (the recipe's default learning rate per method)
 
 
 def config_flags(path: Path) -> list[str]:
@@ -87,6 +89,7 @@ NO_ADAMW_PART = ("adamw", "sgd")
 # Ablations and variants: ``fngd:1e-2:refreshed`` adds these recipe flags to the method's own.
 VARIANT_FLAGS = {
     "refreshed": ["--fngd_scale_mode", "refreshed"],  # rescale shared beta by tr(K_stored)/tr(K_new)
+    "adamw_phase": ["--fngd_shared_phase", "adamw"],  # the first epoch's natural gradient, then AdamW
     "fixed": ["--fngd_damping_mode", "fixed", "--fngd_damping", "1e-3", "--fngd_trust_ratio", "none"],
     "no_trust": ["--fngd_trust_ratio", "none"],  # relative damping without the trust region
     "paper": config_flags(PAPER_CONFIG),  # the paper's setting, read from the recipe's named config
@@ -221,8 +224,8 @@ RESULT_FIELDS = ("method", "lr", "adamw_lr", "variant", "seed", "shipped_default
 RESULTS_DESCRIPTION = (
     "One record per convergence run (benchmarks/convergence.py --results). lr: the method's learning rate; "
     "adamw_lr: the rate the AdamW part (embeddings, LayerNorm, output head) of a hybrid method used (null for adamw "
-    "and sgd, which have none); variant: VARIANT_FLAGS names joined by +; shipped_default: lr is the trainer's "
-    "default for the method, adamw_lr its default AdamW-part rate, no variant; test2016_bleu_beam4: sacreBLEU on the "
+    "and sgd, which have none); variant: VARIANT_FLAGS names joined by +; shipped_default: lr is the recipe's "
+    "default for the method (recipes/learning_rates.py), adamw_lr its default AdamW-part rate, no variant; test2016_bleu_beam4: sacreBLEU on the "
     "1000 test-2016 Flickr sentences, beam 4 (null: not scored); val_loss, val_bleu (greedy), train_seconds: at the "
     "end of each epoch, train_seconds cumulative training wall clock without evaluation; command: the recipe command "
     "from the repo root, OUT standing for the output folder."
@@ -274,10 +277,7 @@ def used_adamw_lr(record: dict, historical: bool = False) -> float | None:
 
 
 def is_shipped_default(method: str, lr: float, adamw_lr: float | None, variant: str) -> bool:
-    """No variant, the trainer's default learning rate for the method and its default AdamW-part rate."""
-    sys.path.insert(0, str(REPO))
-    from fngd_hf.trainer import DEFAULT_LEARNING_RATES
-
+    """No variant, the recipe's default learning rate for the method and the trainer's default AdamW-part rate."""
     default = DEFAULT_LEARNING_RATES.get(method)
     if variant or default is None or not math.isclose(lr, default, rel_tol=1e-9):
         return False

@@ -28,9 +28,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fngd_hf.data import DEFAULT_DATASET_NAME, load_multi30k  # noqa: E402
-from fngd_hf.evaluation import score_translations  # noqa: E402
-from fngd_hf.translate import load_translator, translate  # noqa: E402
+from fngd_hf.translation.data import DEFAULT_DATASET_NAME, load_multi30k  # noqa: E402
+from fngd_hf.translation.evaluation import score_translations  # noqa: E402
+from fngd_hf.translation.pipeline import load_translator, translate  # noqa: E402
 
 
 def output_dir(record: dict) -> Path:

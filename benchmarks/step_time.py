@@ -9,7 +9,7 @@
     python benchmarks/step_time.py --preset paper --device cuda --bf16 --no-measure --profile --micro --out prof.json
 
 Model: a randomly initialised Marian (post-norm Transformer, tied embeddings) built from a config by
-``fngd_hf.models`` (no download): ``small`` = d_model 256 / FFN 1024 / 4 heads / 3+3 layers,
+``fngd_hf.translation.models`` (no download): ``small`` = d_model 256 / FFN 1024 / 4 heads / 3+3 layers,
 ``paper`` = 512 / 2048 / 8 / 6+6. Data: ``--batches`` fixed batches of ``--batch-size`` sentence
 pairs of random token ids whose lengths follow Multi30K's (source about 13 subword tokens on
 average, target about 15, eos included), padded per batch; every method sees the same batch at the
@@ -85,7 +85,7 @@ sys.path.insert(0, str(REPO))
 import fngd_hf  # noqa: E402
 from fngd_hf import CWNGD, FNGD, KFAC, SNGD  # noqa: E402
 from fngd_hf import functional as F  # noqa: E402
-from fngd_hf.models import build_config, resolve_shape  # noqa: E402
+from fngd_hf.translation.models import build_config, resolve_shape  # noqa: E402
 
 PAD, EOS = 0, 1
 MULTI30K_STEPS_PER_EPOCH = 29000 // 64 + 1  # 454: the bank size a real first epoch would have

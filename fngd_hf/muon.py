@@ -27,13 +27,13 @@ Requires a torch with ``torch.optim.Muon`` (2.9 or later).
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Iterable
 
 import torch
 from torch import nn
 
 from .base import weight_decay_groups
+from .composite import CompositeOptimizer
 from .layers import layer_parameters, select_modules
 
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
@@ -51,7 +51,7 @@ def _real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class MuonHybrid(torch.optim.Optimizer):
+class MuonHybrid(CompositeOptimizer):
     """``torch.optim.Muon`` on the 2-D weights of the layers FNGD manages, ``torch.optim.AdamW`` on the rest.
 
     Args:
@@ -141,40 +141,10 @@ class MuonHybrid(torch.optim.Optimizer):
                 [{"params": params, "use_muon": False, "weight_decay": decay} for params, decay in adamw_groups],
                 lr=adamw_lr, betas=betas, eps=adamw_eps, weight_decay=adamw_weight_decay,
             )
-        self.optimizers = [o for o in (self.muon, self.adamw) if o is not None]
-        self._ready = False
-        # add_param_group keeps the very dicts it is given; "lr" is in every group, so the defaults add nothing.
-        super().__init__([g for o in self.optimizers for g in o.param_groups], dict(lr=lr))
-        self._ready = True
-        self._link()
+        super().__init__([self.muon, self.adamw], dict(lr=lr))  # "lr" is in every group: the defaults add nothing
         self.managed_modules = dict(modules)
 
-    def _link(self) -> None:
-        """One ``state`` for all (the parts' parameters are disjoint) and the parts' own group dicts."""
-        state: defaultdict = defaultdict(dict)
-        for optimizer in self.optimizers:
-            state.update(optimizer.state)
-            optimizer.state = state
-        self.state = state
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
-
-    def add_param_group(self, param_group: dict) -> None:
-        if self._ready:
-            raise NotImplementedError("MuonHybrid cannot add parameter groups: build a new one from the model")
-        super().add_param_group(param_group)
-
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for optimizer in self.optimizers:
-            optimizer.step()
-        return loss
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Hand each part its own groups and state (torch's own loading), then relink the shared views."""
-        saved_groups = state_dict["param_groups"]
+    def _check_loaded_groups(self, saved_groups: list[dict]) -> None:
         flags = [bool(g.get("use_muon")) for g in saved_groups]
         if flags != [bool(g["use_muon"]) for g in self.param_groups]:
             raise ValueError(
@@ -182,14 +152,6 @@ class MuonHybrid(torch.optim.Optimizer):
                 f"({[g['use_muon'] for g in self.param_groups]}): it was saved for another model, "
                 f"target_modules or adamw_no_decay"
             )
-        start = 0
-        for optimizer in self.optimizers:
-            groups = saved_groups[start : start + len(optimizer.param_groups)]
-            start += len(optimizer.param_groups)
-            ids = {i for g in groups for i in g["params"]}
-            state = {i: v for i, v in state_dict["state"].items() if i in ids}
-            optimizer.load_state_dict({"state": state, "param_groups": groups})
-        self._link()
 
 
 def build_muon(model: nn.Module, **kwargs) -> MuonHybrid:

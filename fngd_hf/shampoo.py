@@ -22,7 +22,6 @@ refreshed every ``preconditioning_compute_steps`` steps by an SVD.
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from typing import Iterable
 
 import torch
@@ -30,6 +29,7 @@ from torch import nn
 
 from .layers import layer_parameters, select_modules
 from .base import weight_decay_groups
+from .composite import CompositeOptimizer
 
 SHAMPOO_REQUIREMENT = "pytorch-optimizer>=4.1,<5"
 
@@ -68,70 +68,23 @@ def _float64_retry_of_failed_inverse_roots():
         module.compute_power_svd = original
 
 
-class ShampooAdamW(torch.optim.Optimizer):
+class ShampooAdamW(CompositeOptimizer):
     """Steps two optimizers as one: Shampoo for the managed layers, AdamW for the rest.
 
-    ``param_groups`` lists the inner optimizers' own group dicts (Shampoo's first), so a change
-    of ``lr`` by a scheduler takes effect in the inner optimizer that owns the group; the inner
-    optimizers share one ``state`` dict with this wrapper (their parameters are disjoint).
-    Groups carry ``"shampoo": True`` or ``False``. ``add_param_group`` is not supported.
+    Groups carry ``"shampoo": True`` or ``False``; see :class:`~fngd_hf.composite.CompositeOptimizer`
+    for the shared groups and state and the skipped non-finite steps.
     """
 
     def __init__(self, shampoo: torch.optim.Optimizer | None, adamw: torch.optim.Optimizer | None):
-        self.optimizers = [o for o in (shampoo, adamw) if o is not None]
-        if not self.optimizers:
-            raise ValueError("ShampooAdamW needs at least one inner optimizer")
         self.shampoo, self.adamw = shampoo, adamw
-        self._ready = False
-        groups = [g for o in self.optimizers for g in o.param_groups]
-        super().__init__(groups, {})  # add_param_group keeps the very dicts it is given
-        self._ready = True
-        self._link()
+        super().__init__([shampoo, adamw], {})
 
-    def _link(self) -> None:
-        state: defaultdict = defaultdict(dict)
-        for optimizer in self.optimizers:
-            state.update(optimizer.state)
-            optimizer.state = state
-        self.state = state
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
-
-    def add_param_group(self, param_group: dict) -> None:
-        if self._ready:
-            raise NotImplementedError(
-                "ShampooAdamW cannot add parameter groups: build a new one with build_shampoo()"
-            )
-        super().add_param_group(param_group)
-
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for optimizer in self.optimizers:
-            if optimizer is self.shampoo:
-                with _float64_retry_of_failed_inverse_roots():
-                    optimizer.step()
-            else:
+    def _step_part(self, optimizer: torch.optim.Optimizer) -> None:
+        if optimizer is self.shampoo:
+            with _float64_retry_of_failed_inverse_roots():
                 optimizer.step()
-        return loss
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Hand each inner optimizer its own groups and state, then relink the shared views."""
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
-                f"{len(self.param_groups)}"
-            )
-        start = 0
-        for optimizer in self.optimizers:
-            groups = saved_groups[start : start + len(optimizer.param_groups)]
-            start += len(optimizer.param_groups)
-            ids = {i for g in groups for i in g["params"]}
-            state = {i: v for i, v in state_dict["state"].items() if i in ids}
-            optimizer.load_state_dict({"state": state, "param_groups": groups})
-        self._link()
+        else:
+            optimizer.step()
 
 
 def build_shampoo(

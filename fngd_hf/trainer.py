@@ -39,16 +39,6 @@ from .sample_sharing import sample_keys
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("fngd", "ngd", "cwngd", "kfac", "sngd", "shampoo", "muon", "adamw", "sgd")
-# Learning rates the recipe uses when none is given. Muon: AdamW's (its default lr adjustment matches
-# AdamW's update RMS, fngd_hf/muon.py). FNGD, NGD, CW-NGD, K-FAC, SGD and Shampoo: the
-# best of the CPU convergence benchmark at their default settings (README, Convergence; Shampoo's
-# statistics are sums, so it needs a large rate: 1e-3 and below did not train). AdamW keeps the
-# usual Transformer 5e-4: its benchmark best, 2e-3, was measured with warmup and sits next to a
-# collapse at 3e-3. SNGD's best (3e-2) was measured with trust_ratio=0.1, which is not its default.
-DEFAULT_LEARNING_RATES = {
-    "fngd": 1e-2, "ngd": 1e-2, "cwngd": 1e-2, "kfac": 3e-2, "sngd": 1e-1, "shampoo": 1e-1, "muon": 5e-4, "adamw": 5e-4,
-    "sgd": 3e-1,
-}
 # Methods built on LayerwiseOptimizer: the trainer scales their loss and clips their update.
 LAYERWISE = ("fngd", "ngd", "cwngd", "kfac", "sngd")
 STAT_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
@@ -142,6 +132,14 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
             "choices": ["shared", "refreshed"],
         },
     )
+    fngd_shared_phase: str = field(
+        default="coefficients",
+        metadata={
+            "help": "What the FNGD layers do after the first epoch: coefficients: reuse the first epoch's (the "
+            "paper); adamw: train with AdamW on their plain gradient at the AdamW part's rate (fngd_adamw_lr).",
+            "choices": ["coefficients", "adamw"],
+        },
+    )
     fngd_batch_layers: str = field(
         default="auto",
         metadata={
@@ -177,20 +175,7 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         default=None, metadata={"help": "Learning rate of the AdamW part (default: learning_rate)."}
     )
 
-    source_check: bool = field(
-        default=True,
-        metadata={
-            "help": "At every evaluation also compute the validation loss with sources shuffled across each batch "
-            "and log the gap; a gap below source_gap_min flags a model that ignores its input."
-        },
-    )
-    source_gap_min: float = field(
-        default=0.05, metadata={"help": "Shuffled-source loss gap (nats/token) below which a model counts as collapsed."}
-    )
-
     def __post_init__(self):
-        if self.source_gap_min < 0:
-            raise ValueError(f"source_gap_min must be >= 0, got {self.source_gap_min}")
         self._validate_fngd()
         super().__post_init__()
         # After the parent: it reads `accelerate launch --mixed_precision` from the environment.
@@ -214,6 +199,8 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
             raise ValueError(f"Invalid fngd_share_by: {self.fngd_share_by!r} (expected 'position' or 'sample')")
         if self.fngd_scale_mode not in ("shared", "refreshed"):
             raise ValueError(f"Invalid fngd_scale_mode: {self.fngd_scale_mode!r} (expected 'shared' or 'refreshed')")
+        if self.fngd_shared_phase not in ("coefficients", "adamw"):
+            raise ValueError(f"Invalid fngd_shared_phase: {self.fngd_shared_phase!r} (expected 'coefficients' or 'adamw')")
         if self.fngd_batch_layers not in BATCH_LAYERS:
             raise ValueError(f"Invalid fngd_batch_layers: {self.fngd_batch_layers!r} (expected 'auto', 'true' or 'false')")
         self.fngd_trust_ratio = _parse_ratio(self.fngd_trust_ratio)
@@ -266,7 +253,7 @@ def _parse_ratio(value):
 
 
 _ARG_DEFAULTS = {
-    f.name: f.default for f in fields(FNGDTrainingArguments) if f.name.startswith(("fngd_", "optimizer", "source_"))
+    f.name: f.default for f in fields(FNGDTrainingArguments) if f.name.startswith(("fngd_", "optimizer"))
 }
 
 
@@ -323,6 +310,7 @@ class FNGDTrainer(Seq2SeqTrainer):
     def __init__(self, *args, **kwargs):
         self._clock_start: float | None = None  # wall clock of train(), evaluation excluded
         self._eval_seconds = 0.0
+        self._eval_start: float | None = None  # start of the evaluation running now
         self._loss_scaled_override: bool | None = None
         self._fngd_steps_per_epoch: int | None = None
         self._fngd_direction_norm: torch.Tensor | None = None
@@ -430,6 +418,7 @@ class FNGDTrainer(Seq2SeqTrainer):
             damping_floor=self._arg("fngd_damping_floor"),
             trust_ratio=ratio,
             scale_mode=self._arg("fngd_scale_mode"),
+            shared_phase=self._arg("fngd_shared_phase"),
             share_by=self._arg("fngd_share_by"),
             batch_layers=BATCH_LAYERS[self._arg("fngd_batch_layers")],
             clip_update_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
@@ -520,43 +509,36 @@ class FNGDTrainer(Seq2SeqTrainer):
 
     # ------------------------------------------------------------------------------ logging
     def train(self, *args, **kwargs):
-        self._clock_start, self._eval_seconds = time.perf_counter(), 0.0
-        return super().train(*args, **kwargs)
+        self._clock_start, self._eval_seconds, self._eval_start = time.perf_counter(), 0.0, None
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._clock_start = None  # logs after train() (a final evaluate) carry no training clock
+
+    def training_seconds(self) -> float | None:
+        """Wall clock of ``train()`` so far without its evaluations (the one running now included)."""
+        if self._clock_start is None:
+            return None
+        now = time.perf_counter()
+        running = 0.0 if getattr(self, "_eval_start", None) is None else now - self._eval_start
+        return now - self._clock_start - self._eval_seconds - running
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
-        """The usual evaluation, plus the shuffled-source check when ``source_check`` is on."""
-        start = time.perf_counter()
-        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **gen_kwargs)
-        check = None
-        if self._arg("source_check"):
-            from .evaluation import shuffled_source_check  # sacreBLEU and friends only when evaluating
-
-            try:
-                check = shuffled_source_check(
-                    self.model, self.get_eval_dataloader(eval_dataset), min_gap=self._arg("source_gap_min"),
-                    seed=self.args.seed,
-                )
-            except (ValueError, KeyError, TypeError) as error:  # e.g. no batch of 2+, or not a seq2seq batch
-                warnings.warn(f"shuffled-source check skipped: {error}", RuntimeWarning, stacklevel=2)
-        if check is not None:
-            extra = {
-                f"{metric_key_prefix}_shuffled_source_loss": check["shuffled_source_loss"],
-                f"{metric_key_prefix}_source_gap": check["source_gap"],
-                f"{metric_key_prefix}_source_collapsed": float(check["source_collapsed"]),
-            }
-            if check["source_collapsed"]:
-                logger.warning(
-                    "shuffled-source loss gap %.4f < %.4f: the model ignores its source (a target-side language model)",
-                    check["source_gap"], self._arg("source_gap_min"),
-                )
-            self.log(extra)
-            metrics.update(extra)
-        self._eval_seconds += time.perf_counter() - start
-        return metrics
+        """The usual evaluation; its time, ``on_evaluate`` callbacks included, is kept out of ``train_seconds``."""
+        if getattr(self, "_evaluating", False):  # one of several eval datasets: the outer call keeps the time
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **gen_kwargs)
+        self._eval_start, self._evaluating = time.perf_counter(), True
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix, **gen_kwargs)
+        finally:
+            self._evaluating = False
+            self._eval_seconds += time.perf_counter() - self._eval_start
+            self._eval_start = None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._clock_start is not None:
-            logs["train_seconds"] = round(time.perf_counter() - self._clock_start - self._eval_seconds, 3)
+        seconds = self.training_seconds()
+        if seconds is not None:
+            logs["train_seconds"] = round(seconds, 3)
         opt = self.fngd_optimizer
         if opt is not None and "loss" in logs:
             diagnostics = getattr(opt, "diagnostics", dict)

@@ -248,11 +248,11 @@ def tiny_seq2seq(kind: str = "bart", seed: int = 0) -> nn.Module:
         decoder_start_token_id=EOS if kind == "bart" else PAD,
     )
     torch.manual_seed(seed)
-    if kind == "bart":
-        from transformers import BartConfig, BartForConditionalGeneration
+    if kind == "bart":  # the suite's one BART builder (same ids: bos 0, pad 1, eos 2 = decoder start)
+        from tiny_models import tiny_bart
 
-        config = BartConfig(bos_token_id=BOS, classifier_dropout=0.0, **common)
-        model = BartForConditionalGeneration(config)
+        model = tiny_bart(seed, vocab_size=VOCAB, d_model=16, ffn_dim=24, max_position_embeddings=32,
+                          encoder_layers=1, decoder_layers=2, classifier_dropout=0.0)
     elif kind == "marian":
         from transformers import MarianConfig, MarianMTModel
 

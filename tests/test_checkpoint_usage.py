@@ -14,10 +14,10 @@ import datasets
 import pytest
 from multi30k_fixtures import REPO
 
-from fngd_hf.model_card import write_model_card
-from fngd_hf.models import build_model
-from fngd_hf.tokenization import train_tokenizer
-from fngd_hf.translate import PIPELINE_FILE, save_translation_pipeline
+from fngd_hf.translation.model_card import write_model_card
+from fngd_hf.translation.models import build_model
+from fngd_hf.translation.pipeline import PIPELINE_FILE, save_translation_pipeline
+from fngd_hf.translation.tokenization import train_tokenizer
 
 MODEL_NAME = "me/m30k-tiny"  # the name the card's snippets use; the subprocess points it at the folder
 
@@ -101,17 +101,47 @@ def test_card_snippets_work_without_fngd_hf(checkpoint, tmp_path):
 
 
 def test_import_fngd_hf_does_not_import_translation_code():
-    code = ("import sys, fngd_hf\n"
+    code = ("import sys, fngd_hf, fngd_hf.trainer\n"
             "from transformers.pipelines import PIPELINE_REGISTRY\n"
-            "print('fngd_hf.translate' in sys.modules, 'translation' in PIPELINE_REGISTRY.get_supported_tasks())")
+            "print(sorted(m for m in sys.modules if m.startswith('fngd_hf.translation')),"
+            " 'translation' in PIPELINE_REGISTRY.get_supported_tasks())")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["False", "False"]
+    assert done.stdout.split() == ["[]", "False"]
+
+
+def imported_modules(tree: ast.Module, package: str) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in a module of ``package``, nested ones included;
+    ``from .x import y`` counts as both ``package.x`` and ``package.x.y`` (y may be a module)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            parent = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            base = ".".join(parent + ([node.module] if node.module else []))
+            found += [(node.lineno, base)] + [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+    return found
+
+
+def test_the_library_imports_nothing_from_the_translation_app():
+    """No module of fngd_hf outside fngd_hf/translation/ imports it, at module level or inside a function."""
+    root = REPO / "fngd_hf"
+    library = sorted(p for p in root.rglob("*.py") if p.relative_to(root).parts[0] != "translation")
+    assert len(library) > 5
+    offenders = [f"{path.relative_to(root)}:{line} {name}" for path in library
+                 for line, name in imported_modules(ast.parse(path.read_text(encoding="utf-8")),
+                                                    ".".join(("fngd_hf", *path.relative_to(root).parent.parts)))
+                 if name == "fngd_hf.translation" or name.startswith("fngd_hf.translation.")]
+    assert not offenders, offenders
+    # The check sees relative imports at any depth (it can fail).
+    assert "fngd_hf.translation.data" in {name for _, name in imported_modules(ast.parse("from .translation import data"), "fngd_hf")}
+    assert "fngd_hf.translation" in {name for _, name in imported_modules(ast.parse("from ..translation import x"), "fngd_hf.sub")}
 
 
 def test_the_shipped_pipeline_does_not_shadow_the_registered_task(checkpoint):
-    """With fngd_hf.translate imported, pipeline("translation") still needs no trust_remote_code."""
+    """With fngd_hf.translation.pipeline imported, pipeline("translation") still needs no trust_remote_code."""
     from transformers import pipeline
 
     rows = pipeline("translation", model=str(checkpoint))(["A dog runs.", "Two men are outside."])

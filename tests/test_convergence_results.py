@@ -81,15 +81,13 @@ def test_the_adamw_part_rate_the_recipe_reports_is_read(tmp_path):
 
 
 def test_historical_record_and_shipped_default(monkeypatch):
-    import fngd_hf.trainer
-
     record = curves_run(test_beam=BEAM4)
     converted = convergence.results_record(record, historical=True)
     assert list(converted) == list(convergence.RESULT_FIELDS)
     assert (converted["seed"], converted["adamw_lr"], converted["test2016_bleu_beam4"]) == (0, 1e-2, 30.2)
     assert converted["val_loss"] == [3.0, 2.5] and converted["train_seconds"] == [100.0, 200.0]
-    # Shipped default: the trainer's lr for the method, its AdamW-part rate, no variant.
-    monkeypatch.setitem(fngd_hf.trainer.DEFAULT_LEARNING_RATES, "fngd", 1e-2)
+    # Shipped default: the recipe's lr for the method, its AdamW-part rate, no variant.
+    monkeypatch.setitem(convergence.DEFAULT_LEARNING_RATES, "fngd", 1e-2)
     monkeypatch.setattr(convergence, "default_adamw_lr", lambda method, lr: 2e-3)
     assert not convergence.results_record(record, historical=True)["shipped_default"]  # AdamW part at 1e-2
     explicit = curves_run(command=OLD_COMMAND + " --fngd_adamw_lr 2e-3", seed=0, adamw_lr=2e-3)

@@ -4,8 +4,8 @@ import datasets
 import pytest
 from multi30k_fixtures import REAL_DATA, real_data_available, write_lines
 
-from fngd_hf import data
-from fngd_hf.data import load_multi30k, read_lines
+from fngd_hf.translation import data
+from fngd_hf.translation.data import load_multi30k, read_lines
 
 
 def make_corpus(folder, tests=("test_2016_flickr",), gz=()):

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
-from fngd_hf.evaluation import (
+from fngd_hf.translation.evaluation import (
+    ShuffledSourceCheck,
     corpus_bleu,
     corpus_chrf,
     derangement,
@@ -18,7 +19,9 @@ from fngd_hf.evaluation import (
     shuffled_source_check,
     source_gap_flag,
 )
-from fngd_hf.tokenization import train_tokenizer
+from fngd_hf.translation.tokenization import train_tokenizer
+
+import tiny_models
 
 REFS = ["Ein Hund läuft auf der Wiese.", "Zwei Männer spielen Fußball im Park."]
 
@@ -112,6 +115,58 @@ def test_shuffled_source_check_separates_models():
     assert collapsed["source_gap"] == pytest.approx(0.0) and collapsed["source_collapsed"] is True
     with pytest.raises(ValueError, match="at least 2"):
         shuffled_source_check(aware, batches([1, 1]))
+
+
+class CopyPairs(torch.utils.data.Dataset):
+    """Fixed-length pairs whose target is the source: the default collator stacks them."""
+
+    def __init__(self, n, seed=0):
+        self.rows = torch.randint(3, 40, (n, 5), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "attention_mask": torch.ones_like(self.rows[i]), "labels": self.rows[i].clone()}
+
+
+def test_shuffled_source_check_callback_on_a_stock_trainer(tmp_path):
+    """ShuffledSourceCheck needs no FNGDTrainer: after each evaluation it adds the check to the metrics evaluate()
+    returns and to log_history, under the evaluation's own prefix, with the Trainer's model, eval dataloader and seed."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True,
+                                    disable_tqdm=True, seed=3)
+    model = tiny_models.tiny_bart()
+    trainer = Seq2SeqTrainer(model=model, args=args, eval_dataset=CopyPairs(8), callbacks=[ShuffledSourceCheck(min_gap=0.5)])
+    metrics = trainer.evaluate(metric_key_prefix="val")
+    expected = shuffled_source_check(model, trainer.get_eval_dataloader(), min_gap=0.5, seed=3)
+    assert metrics["val_shuffled_source_loss"] == pytest.approx(expected["shuffled_source_loss"])
+    assert metrics["val_source_gap"] == pytest.approx(expected["source_gap"])
+    assert metrics["val_source_collapsed"] == float(expected["source_collapsed"])
+    assert expected["loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)  # the same batches as the evaluation
+    record = trainer.state.log_history[-1]
+    assert {k: record[k] for k in ("val_shuffled_source_loss", "val_source_gap", "val_source_collapsed")} == {
+        k: metrics[k] for k in ("val_shuffled_source_loss", "val_source_gap", "val_source_collapsed")}
+    # Several eval datasets: one check each, under each dataset's prefix.
+    metrics = trainer.evaluate(eval_dataset={"x": CopyPairs(8), "y": CopyPairs(6, seed=1)})
+    assert {"eval_x_source_gap", "eval_y_source_gap"} <= set(metrics)
+    records = [r for r in trainer.state.log_history if "eval_x_source_gap" in r or "eval_y_source_gap" in r]
+    assert len(records) == 2 and records[0]["eval_x_source_gap"] == metrics["eval_x_source_gap"]
+
+
+def test_shuffled_source_check_callback_skips_what_it_cannot_check(tmp_path):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=1, report_to=[], use_cpu=True,
+                                    disable_tqdm=True)
+    trainer = Seq2SeqTrainer(model=tiny_models.tiny_bart(), args=args, eval_dataset=CopyPairs(3),
+                             callbacks=[ShuffledSourceCheck()])
+    with pytest.warns(RuntimeWarning, match="shuffled-source check skipped: no batch with at least 2"):
+        metrics = trainer.evaluate()  # batches of one cannot be shuffled
+    assert "eval_loss" in metrics and not [k for k in metrics if "source" in k]
+    with pytest.raises(ValueError, match="min_gap"):
+        ShuffledSourceCheck(min_gap=-0.1)
 
 
 def test_every_declared_dependency_is_used():

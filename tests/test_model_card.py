@@ -4,7 +4,7 @@ evaluated, where the data came from, the shuffled-source check, readable optimiz
 import pytest
 import yaml
 
-from fngd_hf.model_card import absolute_paths, build_model_card, write_model_card
+from fngd_hf.translation.model_card import absolute_paths, build_model_card, write_model_card
 
 RESULTS = {"test_2016_flickr": {"bleu": 35.123, "chrf": 61.0}, "test_2017_mscoco": {"bleu": 25.5, "chrf": 52.25}}
 # test_2016_flickr: the first 500 of 1,000 sentences, greedy; test_2017_mscoco: all of it, beam 4.

@@ -8,9 +8,9 @@ import torch
 from multi30k_fixtures import synthetic_pair
 from transformers import AutoModelForSeq2SeqLM, GenerationConfig, MarianMTModel, pipeline
 
-from fngd_hf.models import PRESETS, build_model, resolve_shape
-from fngd_hf.tokenization import train_tokenizer
-from fngd_hf.translate import load_translator, translate, translation_pipeline_available
+from fngd_hf.translation.models import PRESETS, build_model, resolve_shape
+from fngd_hf.translation.pipeline import load_translator, translate, translation_pipeline_available
+from fngd_hf.translation.tokenization import train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,12 @@ from torch import nn
 
 from fngd_hf import select_modules
 from fngd_hf.muon import MuonHybrid, build_muon
-from tiny_models import make_mlp, mlp_batch, tiny_bart
+from tiny_models import NoLinear, make_mlp, mlp_batch, no_linear_batch, tiny_bart
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9+")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Matrices this small gain nothing from threads, and on a loaded machine a second thread only waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9+"),
+    pytest.mark.usefixtures("one_thread"),  # conftest.py
+]
 
 
 def steps(model, opt, seeds, scheduler=None):
@@ -59,20 +53,6 @@ def assert_same_parameters(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(p, q), name
 
 
-class NoLinear(nn.Module):
-    """Embedding, LayerNorm and a bare 2-D parameter as head: nothing for Muon (no Linear layer)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(12, 6)
-        self.norm = nn.LayerNorm(6)
-        self.head = nn.Parameter(torch.randn(3, 6) * 0.3)
-
-    def forward(self, ids):
-        return self.norm(self.embed(ids)).mean(1) @ self.head.T
-
-
 def test_without_managed_layers_it_is_torch_adamw_bitwise():
     model, reference = NoLinear(), NoLinear()
     kwargs = dict(lr=3e-2, adamw_betas=(0.8, 0.99), adamw_eps=1e-6, adamw_weight_decay=0.05)
@@ -80,8 +60,7 @@ def test_without_managed_layers_it_is_torch_adamw_bitwise():
     ref = torch.optim.AdamW(reference.parameters(), lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
     assert opt.muon is None and [g["use_muon"] for g in opt.param_groups] == [False]
     for seed in range(5):
-        g = torch.Generator().manual_seed(seed)
-        ids, y = torch.randint(0, 12, (4, 5), generator=g), torch.randint(0, 3, (4,), generator=g)
+        ids, y = no_linear_batch(seed)
         for m, o in ((model, opt), (reference, ref)):
             nn.functional.cross_entropy(m(ids), y).backward()
             o.step()
@@ -185,18 +164,12 @@ def test_linear_warmup_schedule_reaches_both_parts():
     assert not torch.equal(before[0], model[0].weight) and not torch.equal(before[2], model[2].weight)
 
 
-def test_tiny_bart_learns_through_a_stock_seq2seq_trainer(tmp_path):
-    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+def test_tiny_bart_learns_through_a_stock_seq2seq_trainer(copy_task, seq2seq_args):
+    from transformers import Seq2SeqTrainer
 
     model = tiny_bart()
-    g = torch.Generator().manual_seed(0)
-    # Copy task: labels are the source ids.
-    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-            for ids in torch.randint(3, 40, (32, 5), generator=g)]
-    args = Seq2SeqTrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=20, logging_steps=2,
-        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-    )
+    data = copy_task(32, length=5)  # labels are the source ids
+    args = seq2seq_args(per_device_train_batch_size=16, num_train_epochs=20, logging_steps=2)
     opt = MuonHybrid(model, lr=5e-2)
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data, optimizers=(opt, None))
     trainer.train()

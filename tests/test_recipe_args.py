@@ -13,8 +13,9 @@ import pytest
 from multi30k_fixtures import REPO, write_synthetic_corpus
 from recipe_module import load_recipe_module
 
-from fngd_hf.models import resolve_shape
-from fngd_hf.trainer import DEFAULT_LEARNING_RATES
+from fngd_hf.translation.models import resolve_shape
+
+DEFAULT_LEARNING_RATES = load_recipe_module().DEFAULT_LEARNING_RATES  # recipes/learning_rates.py, as the recipe sees it
 
 # Options that only decide how the final model is scored and saved, not how it is trained:
 # the documented runs scored 500 greedy test sentences and rescored 1,000 with beam 4 afterwards
@@ -127,6 +128,20 @@ def test_one_way_to_choose_the_optimizer(tmp_path):
         assert args.optimizer == optimizer and args.learning_rate == DEFAULT_LEARNING_RATES[optimizer]
 
 
+def test_the_shuffled_source_check_is_the_recipes_option():
+    """--source_check / --source_gap_min belong to the recipe (fngd_hf's training arguments know nothing of them)."""
+    recipe = load_recipe_module()
+    model_args, _, training_args = recipe.parse_args(["--output_dir", "o", "--source_check", "False",
+                                                      "--source_gap_min", "0.2"])
+    assert (model_args.source_check, model_args.source_gap_min) == (False, 0.2)
+    assert not hasattr(training_args, "source_check") and not hasattr(training_args, "source_gap_min")
+    model_args = recipe.parse_args(["--output_dir", "o"])[0]
+    assert (model_args.source_check, model_args.source_gap_min) == (True, 0.05)
+    assert recipe.source_check_result({"eval_source_collapsed": 0.0, "eval_source_gap": 0.3}, model_args) == {
+        "ran": True, "passed": True, "source_gap": 0.3, "min_gap": 0.05}
+    assert recipe.source_check_result({"eval_loss": 1.0}, model_args) == {"ran": False, "passed": None}
+
+
 BAD_ARGUMENTS = [
     (["--preset", "big"], "invalid choice: 'big'"),
     (["--d_model", "30", "--attention_heads", "4"], "not divisible"),
@@ -137,6 +152,7 @@ BAD_ARGUMENTS = [
     (["--source_lang", "de", "--target_lang", "de"], "must differ"),
     (["--push_to_hub", "True"], "--hub_model_id"),
     (["--fngd_damping", "-1"], "fngd_damping"),
+    (["--source_gap_min", "-1"], "--source_gap_min"),
     (["--optimizer", "adam"], "invalid choice: 'adam'"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
     (["--resume_from_checkpoint", "no/such/checkpoint"], "--resume_from_checkpoint"),

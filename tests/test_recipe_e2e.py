@@ -13,8 +13,8 @@ from multi30k_fixtures import REAL_DATA, REPO, real_data_available, write_synthe
 from recipe_module import RECIPE, load_recipe_module
 from transformers import pipeline
 
-from fngd_hf.model_card import absolute_paths
-from fngd_hf.translate import load_translator, translate  # also registers pipeline("translation")
+from fngd_hf.translation.model_card import absolute_paths
+from fngd_hf.translation.pipeline import load_translator, translate  # also registers pipeline("translation")
 
 # One epoch on 200 pairs leaves a tiny model that ignores its source (the shuffled-source check
 # says so), so these plumbing runs keep exit code 0 with --fail_on_collapse False; the collapse
@@ -193,8 +193,8 @@ def test_push_to_hub_and_resume_in_process(tmp_path, data_dir, monkeypatch, capl
     recipe = load_recipe_module()
     output_dir = tmp_path / "push"
     # --tokenizer_name: an existing tokenizer is used as is instead of training one.
-    from fngd_hf.data import load_multi30k
-    from fngd_hf.tokenization import train_tokenizer
+    from fngd_hf.translation.data import load_multi30k
+    from fngd_hf.translation.tokenization import train_tokenizer
 
     given = train_tokenizer(load_multi30k(data_dir=data_dir, max_train_samples=100)["train"], ["en", "de"], vocab_size=350)
     given.save_pretrained(tmp_path / "given_tokenizer")
@@ -253,9 +253,8 @@ def test_config_file_with_flag_overrides(tmp_path):
 
 
 def test_learning_rate_defaults_to_the_methods_own(tmp_path):
-    from fngd_hf.trainer import DEFAULT_LEARNING_RATES
-
     recipe = load_recipe_module()
+    DEFAULT_LEARNING_RATES = recipe.DEFAULT_LEARNING_RATES  # recipes/learning_rates.py
     out = str(tmp_path / "o")
     for optimizer in ("fngd", "adamw", "kfac"):
         _, _, args = recipe.parse_args(["--output_dir", out, "--optimizer", optimizer])

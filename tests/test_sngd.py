@@ -10,7 +10,7 @@ from torch import nn
 import reference as ref
 from fngd_hf import matrix_functions as mf
 from fngd_hf.sngd import SNGD
-from tiny_models import make_mlp, mlp_batch, train_steps
+from tiny_models import make_mlp, mlp_batch, tiny_bart, train_steps
 
 F64 = torch.float64
 
@@ -290,16 +290,7 @@ def test_state_stays_float32_for_bf16_parameters():
 
 
 def test_tiny_bart_trains():
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=40, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
-        eos_token_id=2, decoder_start_token_id=2,
-    )
-    model = BartForConditionalGeneration(config).train()
+    model = tiny_bart(0, d_model=32, ffn_dim=64, encoder_layers=2, decoder_layers=2).train()
     opt = SNGD(model, lr=0.05, damping=0.1, rank=16, update_freq=5, adamw_lr=3e-3)
     assert len(opt.managed_modules) == 2 * 6 + 2 * 10
     g = torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ import pytest
 from multi30k_fixtures import synthetic_pair
 from transformers import AutoTokenizer
 
-from fngd_hf.tokenization import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from fngd_hf.translation.tokenization import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
 SENTENCES = [
     "Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche.",

@@ -507,8 +507,12 @@ def test_plain_seq2seq_trainer_with_fngd(tmp_path, model_fn):
 
 
 def test_source_check_and_training_clock_are_logged(tmp_path):
-    args = make_args(tmp_path, num_train_epochs=2, eval_strategy="epoch", source_check=True, per_device_eval_batch_size=8)
-    trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(16), eval_dataset=CopyTask(8, seed=1))
+    """The translation app's ShuffledSourceCheck callback logs once per evaluation; the clock leaves evaluations out."""
+    from fngd_hf.translation.evaluation import ShuffledSourceCheck
+
+    args = make_args(tmp_path, num_train_epochs=2, eval_strategy="epoch", per_device_eval_batch_size=8)
+    trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(16), eval_dataset=CopyTask(8, seed=1),
+                          callbacks=[ShuffledSourceCheck()])
     trainer.train()
     checks = [r for r in trainer.state.log_history if "eval_source_gap" in r]
     assert len(checks) == 2  # once per epoch
@@ -521,18 +525,53 @@ def test_source_check_and_training_clock_are_logged(tmp_path):
     assert clock == sorted(clock) and clock[0] >= 0.0
 
 
-def test_source_check_flags_a_model_that_ignores_its_source(tmp_path):
+def test_evaluation_time_is_kept_out_of_the_training_clock(tmp_path):
+    """Time spent in evaluate(), on_evaluate callbacks included, does not count as training time, and counts once
+    with several eval datasets (Trainer.evaluate calls evaluate() again for each)."""
+    import time
+
+    class SlowCallback(TrainerCallback):
+        calls = 0
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            SlowCallback.calls += 1
+            time.sleep(0.5)
+
+    args = make_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8)
+    evals = {"a": CopyTask(8, seed=1), "b": CopyTask(8, seed=2)}
+    trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(16), eval_dataset=evals,
+                          callbacks=[SlowCallback()])
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    assert SlowCallback.calls == 4  # 2 evaluations x 2 datasets: 2 s asleep
+    final = trainer.state.log_history[-1]
+    assert "train_loss" in final and 0.0 < final["train_seconds"] <= wall - 2.0
+    # One evaluate() of two datasets: its time once, not once more for each dataset.
+    trainer._eval_seconds = 0.0
+    start = time.perf_counter()
+    trainer.evaluate()
+    assert 1.0 <= trainer._eval_seconds <= time.perf_counter() - start
+
+
+def test_source_check_flags_a_model_that_ignores_its_source(tmp_path, caplog):
+    from fngd_hf.translation.evaluation import ShuffledSourceCheck
+
     model = tiny_bart()
     with torch.no_grad():  # a decoder that never attends to the encoder output ignores its source
         for layer in model.model.decoder.layers:
             layer.encoder_attn.v_proj.weight.zero_()
             layer.encoder_attn.v_proj.bias.zero_()
             layer.encoder_attn.out_proj.bias.zero_()
-    args = make_args(tmp_path, source_check=True, per_device_eval_batch_size=8)
-    trainer = FNGDTrainer(model=model, args=args, eval_dataset=CopyTask(8, seed=1))
-    metrics = trainer.evaluate()
+    args = make_args(tmp_path, per_device_eval_batch_size=8)
+    trainer = FNGDTrainer(model=model, args=args, eval_dataset=CopyTask(8, seed=1), callbacks=[ShuffledSourceCheck()])
+    with caplog.at_level("WARNING", logger="fngd_hf.translation.evaluation"):
+        metrics = trainer.evaluate()
     assert metrics["eval_source_gap"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["eval_source_collapsed"] == 1.0
+    assert "the model ignores its source" in caplog.text  # the warning, as FNGDTrainer gave it before
+    record = next(r for r in trainer.state.log_history if "eval_source_gap" in r)
+    assert record["eval_source_collapsed"] == 1.0 and record["eval_source_gap"] == metrics["eval_source_gap"]
 
 
 @pytest.mark.parametrize(

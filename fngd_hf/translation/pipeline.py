@@ -1,7 +1,7 @@
 """Translate with a saved model folder, and ``pipeline("translation")`` on transformers 5.
 
-transformers 5 removed the ``translation`` pipeline task. Importing ``fngd_hf.translate`` (not
-``fngd_hf`` itself) registers :class:`TranslationPipeline` under that name when the installed
+transformers 5 removed the ``translation`` pipeline task. Importing ``fngd_hf.translation.pipeline``
+(not ``fngd_hf`` itself) registers :class:`TranslationPipeline` under that name when the installed
 transformers lacks it, so ``pipeline("translation", model=folder)`` works as it did on 4.x (same
 output format: ``[{"translation_text": ...}]``). :func:`translate` does the same without the
 pipeline machinery.
@@ -150,7 +150,7 @@ def save_translation_pipeline(model_dir: str | Path) -> Path:
     return target
 
 
-# Only an explicit ``import fngd_hf.translate`` registers the task: the copy a checkpoint ships is
-# loaded under another module name and must not change the global pipeline registry.
-if __name__ == "fngd_hf.translate":
+# Only an explicit ``import fngd_hf.translation.pipeline`` registers the task: the copy a checkpoint ships
+# is loaded under another module name and must not change the global pipeline registry.
+if __name__ == "fngd_hf.translation.pipeline":
     register_translation_pipeline()

@@ -291,7 +291,7 @@ def build_model_card(
     for every split in ``results``. ``dataset_id`` is the Hub dataset the data came from, ``None``
     for local files. ``validation`` = ``{"sentences", "total", "num_beams", "loss", "bleu", "chrf"}``;
     ``source_check`` = ``{"ran", "passed", "source_gap", "min_gap"}``. ``with_pipeline``: the folder
-    ships ``translation_pipeline.py`` (:func:`fngd_hf.translate.save_translation_pipeline`).
+    ships ``translation_pipeline.py`` (:func:`fngd_hf.translation.pipeline.save_translation_pipeline`).
     """
     if "optimizer" not in optimizer_settings:
         raise ValueError("optimizer_settings must contain the key 'optimizer' (the optimizer actually used)")

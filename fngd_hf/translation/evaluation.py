@@ -2,16 +2,22 @@
 
 BLEU and chrF come from sacreBLEU directly (no ``evaluate`` download step): detokenized
 hypotheses against the raw references, so the numbers are comparable with published ones.
+:class:`ShuffledSourceCheck` runs the shuffled-source check after every evaluation of a Trainer.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import sacrebleu
 import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
 
 
 def check_pairs(hypotheses: Sequence[str], references: Sequence[str]) -> None:
@@ -154,3 +160,70 @@ def shuffled_source_check(
     if total == 0:
         raise ValueError("no batch with at least 2 examples to run the shuffled-source check on")
     return source_gap_flag(real_sum / total, shuffled_sum / total, min_gap)
+
+
+class ShuffledSourceCheck(TrainerCallback):
+    """Run :func:`shuffled_source_check` after every evaluation of a (Seq2Seq)Trainer.
+
+    Usage::
+
+        trainer = Seq2SeqTrainer(..., callbacks=[ShuffledSourceCheck(min_gap=0.05)])
+        metrics = trainer.evaluate()  # also eval_shuffled_source_loss, eval_source_gap, eval_source_collapsed
+
+    ``on_evaluate`` takes the model and the evaluation's own dataloader from the Trainer (the callback
+    keyword arguments ``model`` and ``eval_dataloader``), computes the loss with each target paired with
+    another sentence's source (``seed``: the Trainer's ``args.seed`` unless given), and adds
+    ``{prefix}_shuffled_source_loss``, ``{prefix}_source_gap`` and ``{prefix}_source_collapsed`` (1.0 when
+    the gap is below ``min_gap``) to the metrics ``evaluate()`` returns, and as one record to
+    ``state.log_history`` (``trainer_state.json``). A collapsed model gets a warning. A dataloader it
+    cannot check (no batch of 2+ examples, not a seq2seq batch) gives a ``RuntimeWarning`` and no keys.
+
+    A callback cannot call ``Trainer.log``: reporting integrations (TensorBoard, W&B) do not see the
+    three values; ``evaluate()``'s metrics and ``trainer_state.json`` hold them.
+    """
+
+    def __init__(self, min_gap: float = 0.05, seed: int | None = None, max_batches: int | None = None):
+        if not min_gap >= 0:
+            raise ValueError(f"min_gap must be >= 0, got {min_gap}")
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+        self.min_gap = min_gap
+        self.seed = seed
+        self.max_batches = max_batches
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None, **kwargs):
+        if model is None or eval_dataloader is None:
+            warnings.warn("shuffled-source check skipped: the Trainer passed no model or eval dataloader",
+                          RuntimeWarning, stacklevel=2)
+            return
+        seed = args.seed if self.seed is None else self.seed
+        try:
+            check = shuffled_source_check(model, eval_dataloader, min_gap=self.min_gap, seed=seed,
+                                          max_batches=self.max_batches)
+        except (ValueError, KeyError, TypeError) as error:  # e.g. no batch of 2+, or not a seq2seq batch
+            warnings.warn(f"shuffled-source check skipped: {error}", RuntimeWarning, stacklevel=2)
+            return
+        prefix = metric_prefix(metrics or {})
+        extra = {
+            f"{prefix}_shuffled_source_loss": check["shuffled_source_loss"],
+            f"{prefix}_source_gap": check["source_gap"],
+            f"{prefix}_source_collapsed": float(check["source_collapsed"]),
+        }
+        if check["source_collapsed"]:
+            logger.warning(
+                "shuffled-source loss gap %.4f < %.4f: the model ignores its source (a target-side language model)",
+                check["source_gap"], self.min_gap,
+            )
+        if metrics is not None:
+            metrics.update(extra)  # the dict evaluate() returns
+        # A record of its own, as Trainer.log writes one (a callback cannot call it).
+        epoch = {} if state.epoch is None else {"epoch": state.epoch}
+        state.log_history.append({**extra, **epoch, "step": state.global_step})
+
+
+def metric_prefix(metrics: dict) -> str:
+    """``eval`` (or ``eval_<name>`` for one of several eval datasets, or the ``metric_key_prefix`` given) from
+    ``{prefix}_runtime``, the key ``Trainer.evaluate`` always writes (the shortest ``*_runtime`` key: a metric of
+    ``compute_metrics`` named ``x_runtime`` arrives as ``{prefix}_x_runtime``)."""
+    runtimes = [key[: -len("_runtime")] for key in metrics if key.endswith("_runtime")]
+    return min(runtimes, key=len) if runtimes else "eval"
