@@ -257,7 +257,7 @@ def default_adamw_lr(method: str, lr: float) -> float | None:
     if method in NO_ADAMW_PART:
         return None
     sys.path.insert(0, str(REPO))
-    from fngd_hf.trainer import FNGDTrainingArguments
+    from fngd_hf.integrations.arguments import FNGDTrainingArguments
 
     default = FNGDTrainingArguments.__dataclass_fields__["fngd_adamw_lr"].default
     return float(lr) if default is None else float(default)

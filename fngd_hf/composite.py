@@ -10,10 +10,11 @@ into its statistics and fail at every later root.
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 
 import torch
+
+from .runtime import closure_loss, warn_skipped
 
 
 class CompositeOptimizer(torch.optim.Optimizer):
@@ -52,19 +53,15 @@ class CompositeOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         if not self._gradients_finite():
             self.skipped_steps += 1
-            if self.skipped_steps & (self.skipped_steps - 1) == 0:  # the 1st, 2nd, 4th ... skip
-                warnings.warn(
-                    f"{type(self).__name__} skipped a step: non-finite gradients. Parameters and state are unchanged "
-                    f"({self.skipped_steps} skipped so far).",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            warn_skipped(
+                self.skipped_steps,
+                f"{type(self).__name__} skipped a step: non-finite gradients. Parameters and state are unchanged "
+                f"({self.skipped_steps} skipped so far).",
+                stacklevel=2,
+            )
             return loss
         for optimizer in self.optimizers:
             self._step_part(optimizer)

@@ -6,7 +6,7 @@ import torch
 
 from . import functional as F
 from .capture import CapturedLayer
-from .optimizer import FNGD
+from .fngd import FNGD
 
 
 class CWNGD(FNGD):

@@ -54,7 +54,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .base import LayerwiseOptimizer, _positive_int
+from . import settings
+from .base import LayerwiseOptimizer
 from .capture import CapturedLayer
 
 _EIGEN_KEYS = ("kfac_QA", "kfac_dA", "kfac_QG", "kfac_dG")
@@ -135,32 +136,13 @@ class KFAC(LayerwiseOptimizer):
         clip_update_norm: float | None = None,
         kl_clip: float | None = None,
     ):
-        if not damping > 0.0:
-            raise ValueError(f"Invalid damping: {damping} (must be > 0)")
-        if not 0.0 <= stat_decay < 1.0:
-            raise ValueError(f"Invalid stat_decay: {stat_decay} (0 <= stat_decay < 1)")
-        if inverse_method not in ("eigen", "cholesky"):
-            raise ValueError(f"Invalid inverse_method: {inverse_method!r} (expected 'eigen' or 'cholesky')")
-        if kl_clip is not None and not kl_clip > 0.0:
-            raise ValueError(f"Invalid kl_clip: {kl_clip} (a positive number or None)")
-        self.factor_update_freq = _positive_int("factor_update_freq", factor_update_freq)
-        self.inverse_update_freq = _positive_int("inverse_update_freq", inverse_update_freq)
-        super().__init__(
-            model,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            target_modules=target_modules,
-            adamw_lr=adamw_lr,
-            adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay,
-            adamw_no_decay=adamw_no_decay,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            trust_ratio=trust_ratio,
-            clip_update_norm=clip_update_norm,
-            group_options=dict(damping=damping),
-        )
+        settings.positive("damping", damping)
+        settings.fraction("stat_decay", stat_decay)
+        settings.one_of("inverse_method", inverse_method, settings.INVERSE_METHODS)
+        settings.positive("kl_clip", kl_clip, optional=True)
+        self.factor_update_freq = settings.positive_int("factor_update_freq", factor_update_freq)
+        self.inverse_update_freq = settings.positive_int("inverse_update_freq", inverse_update_freq)
+        super().__init__(model, settings.LayerwiseSettings.pick(locals()), group_options=dict(damping=damping))
         self.stat_decay = float(stat_decay)
         self.inverse_method = inverse_method
         self.kl_clip = kl_clip
@@ -339,7 +321,7 @@ class KFAC(LayerwiseOptimizer):
 
     # ------------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, float]:
-        return {"kfac/skipped_steps": float(self.skipped_steps), **self.trust_region_diagnostics("kfac")}
+        return self._step_diagnostics("kfac")
 
     # -------------------------------------------------------------------------- state dict
     def _extra_state(self) -> dict:

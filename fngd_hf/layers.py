@@ -110,3 +110,48 @@ def layer_parameters(module: nn.Module) -> list[torch.nn.Parameter]:
     if module.bias is not None and module.bias.requires_grad:
         params.append(module.bias)
     return params
+
+
+def weight_decay_groups(
+    model: nn.Module, params: list[nn.Parameter], weight_decay: float, no_decay: Iterable[str] | None
+) -> list[tuple[list[nn.Parameter], float]]:
+    """``[(params, weight_decay), (exempt params, 0.0)]``, or one pair (in model order, the checkpoint
+    layout) when nothing is exempt or the decay is 0; empty lists are left out.
+
+    ``no_decay`` holds names from ``model.named_parameters()``. Names of parameters outside ``params``
+    (e.g. the managed layers' biases, which the natural-gradient part handles with its own
+    ``weight_decay``) are accepted and ignored; unknown names are an error.
+    """
+    exempt_ids: set[int] = set()
+    if no_decay is not None:
+        if isinstance(no_decay, str):
+            raise ValueError(f"adamw_no_decay takes a list of parameter names, got the string {no_decay!r}")
+        known = dict(model.named_parameters())
+        names = list(no_decay)
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ValueError(
+                f"adamw_no_decay names {len(unknown)} parameter(s) the model does not have: {unknown[:5]}; "
+                f"names look like {list(known)[:3]}"
+            )
+        exempt_ids = {id(known[name]) for name in names}
+    exempt = [p for p in params if id(p) in exempt_ids]
+    if weight_decay == 0.0 or not exempt:
+        return [(list(params), weight_decay)] if params else []
+    decayed = [p for p in params if id(p) not in exempt_ids]
+    return [(group, decay) for group, decay in ((decayed, weight_decay), (exempt, 0.0)) if group]
+
+
+def split_parameters(
+    model: nn.Module, target_modules: Iterable[str] | None = None, *, matrices_only: bool = False
+) -> tuple[dict[str, nn.Module], list[nn.Parameter], list[nn.Parameter]]:
+    """``(modules, managed, others)``: the managed layers (:func:`select_modules`), their parameters
+    (``matrices_only``: their 2-D weights, a shared one once) and every other trainable parameter."""
+    modules = select_modules(model, target_modules)
+    managed = [p for m in modules.values() for p in layer_parameters(m)]
+    if matrices_only:
+        managed = list({id(p): p for p in managed if p.ndim == 2}.values())
+    managed_ids = {id(p) for p in managed}
+    # model.parameters() already yields a tied parameter once; model order keeps checkpoints stable.
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in managed_ids]
+    return modules, managed, others

@@ -26,15 +26,14 @@ Requires a torch with ``torch.optim.Muon`` (2.9 or later).
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from .base import weight_decay_groups
+from . import settings
 from .composite import CompositeOptimizer
-from .layers import layer_parameters, select_modules
+from .layers import split_parameters, weight_decay_groups
 
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 DEFAULT_ADJUST_LR_FN = "match_rms_adamw"
@@ -45,10 +44,6 @@ def _muon_class():
     if muon is None:
         raise ImportError(f"MuonHybrid needs torch.optim.Muon (torch 2.9 or later); this is torch {torch.__version__}")
     return muon
-
-
-def _real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MuonHybrid(CompositeOptimizer):
@@ -97,34 +92,17 @@ class MuonHybrid(CompositeOptimizer):
                 f"MuonHybrid takes the model (an nn.Module), got {type(model).__name__}: it finds the layers "
                 f"to hand to Muon itself. With a Trainer pass optimizers=(MuonHybrid(model, ...), None)."
             )
-        if not (_real(lr) and lr > 0.0):
-            raise ValueError(f"Invalid lr: {lr} (a finite number > 0)")
-        if not (_real(momentum) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"Invalid momentum: {momentum} (must be in [0, 1))")
-        if not (_real(weight_decay) and weight_decay >= 0.0):
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        settings.positive("lr", lr, finite=True)
+        settings.fraction("momentum", momentum, finite=True)
+        settings.non_negative("weight_decay", weight_decay, finite=True)
         if not isinstance(nesterov, bool):
             raise ValueError(f"Invalid nesterov: {nesterov!r} (True or False)")
-        adjust_lr_fn = DEFAULT_ADJUST_LR_FN if adjust_lr_fn is None else adjust_lr_fn
-        if adjust_lr_fn not in ADJUST_LR_FNS:
-            raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r} (expected one of {ADJUST_LR_FNS} or None)")
-        adamw_lr = lr if adamw_lr is None else adamw_lr
-        if not (_real(adamw_lr) and adamw_lr > 0.0):
-            raise ValueError(f"Invalid adamw_lr: {adamw_lr} (a finite number > 0, or None)")
-        betas = tuple(adamw_betas) if isinstance(adamw_betas, (tuple, list)) else ()
-        if len(betas) != 2 or not all(_real(b) and 0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"Invalid adamw_betas: {adamw_betas} (two numbers in [0, 1))")
-        if not (_real(adamw_eps) and adamw_eps >= 0.0):
-            raise ValueError(f"Invalid adamw_eps: {adamw_eps} (must be >= 0)")
-        if not (_real(adamw_weight_decay) and adamw_weight_decay >= 0.0):
-            raise ValueError(f"Invalid adamw_weight_decay: {adamw_weight_decay} (must be >= 0)")
+        adjust_lr_fn = settings.one_of("adjust_lr_fn", DEFAULT_ADJUST_LR_FN if adjust_lr_fn is None else adjust_lr_fn,
+                                       ADJUST_LR_FNS)
+        adamw_lr, betas = settings.adamw_part(lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, finite=True)
 
-        modules = select_modules(model, target_modules)
         # Muon takes matrices only: the layers' biases go to AdamW. A weight shared by two layers once.
-        weights = list({id(p): p for m in modules.values() for p in layer_parameters(m) if p.ndim == 2}.values())
-        weight_ids = {id(p) for p in weights}
-        # model.parameters() already yields a tied parameter once; model order keeps checkpoints stable.
-        others = [p for p in model.parameters() if p.requires_grad and id(p) not in weight_ids]
+        modules, weights, others = split_parameters(model, target_modules, matrices_only=True)
         adamw_groups = weight_decay_groups(model, others, adamw_weight_decay, adamw_no_decay)
         if not weights and not others:
             raise ValueError("The model has no trainable parameters")

@@ -27,9 +27,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .layers import layer_parameters, select_modules
-from .base import weight_decay_groups
 from .composite import CompositeOptimizer
+from .layers import split_parameters, weight_decay_groups
 
 SHAMPOO_REQUIREMENT = "pytorch-optimizer>=4.1,<5"
 
@@ -115,10 +114,7 @@ def build_shampoo(
     shampoo_class = _shampoo_class()
     if not isinstance(model, nn.Module):
         raise TypeError(f"build_shampoo takes the model (an nn.Module), got {type(model).__name__}")
-    modules = select_modules(model, target_modules)
-    managed = [p for m in modules.values() for p in layer_parameters(m)]
-    managed_ids = {id(p) for p in managed}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in managed_ids]
+    modules, managed, others = split_parameters(model, target_modules)
     if not managed and not others:
         raise ValueError("The model has no trainable parameters")
     shampoo = None

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import matrix_functions as mf
+from . import settings
 from .base import LayerwiseOptimizer
 from .capture import CapturedLayer
 
@@ -118,35 +119,15 @@ class SNGD(LayerwiseOptimizer):
         trust_ratio: float | None = None,
         clip_update_norm: float | None = None,
     ):
-        if not damping > 0.0:
-            raise ValueError(f"Invalid damping: {damping} (must be > 0)")
-        if damping_mode not in ("relative", "fixed"):
-            raise ValueError(f"Invalid damping_mode: {damping_mode!r} (expected 'relative' or 'fixed')")
-        if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
-            raise ValueError(f"Invalid rank: {rank} (a positive integer, or None for dense factors)")
-        if isinstance(update_freq, bool) or int(update_freq) != update_freq or update_freq < 1:
-            raise ValueError(f"Invalid update_freq: {update_freq} (a positive integer)")
-        if isinstance(db_iterations, bool) or int(db_iterations) != db_iterations or db_iterations < 1:
-            raise ValueError(f"Invalid db_iterations: {db_iterations} (a positive integer)")
-        if not 0.0 <= stat_decay < 1.0:
-            raise ValueError(f"Invalid stat_decay: {stat_decay} (0 <= stat_decay < 1)")
-        if stat_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"Invalid stat_dtype: {stat_dtype} (float32 or float64)")
+        settings.positive("damping", damping)
+        settings.one_of("damping_mode", damping_mode, settings.DAMPING_MODES)
+        settings.positive_int("rank", rank, optional=True)
+        settings.positive_int("update_freq", update_freq)
+        settings.positive_int("db_iterations", db_iterations)
+        settings.fraction("stat_decay", stat_decay)
+        settings.one_of("stat_dtype", stat_dtype, (torch.float32, torch.float64))
         super().__init__(
-            model,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            target_modules=target_modules,
-            adamw_lr=adamw_lr,
-            adamw_betas=adamw_betas,
-            adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay,
-            adamw_no_decay=adamw_no_decay,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            trust_ratio=trust_ratio,
-            clip_update_norm=clip_update_norm,
-            group_options=dict(damping=damping, damping_mode=damping_mode),
+            model, settings.LayerwiseSettings.pick(locals()), group_options=dict(damping=damping, damping_mode=damping_mode)
         )
         self.rank = None if rank is None else int(rank)
         self.update_freq = int(update_freq)
@@ -370,8 +351,7 @@ class SNGD(LayerwiseOptimizer):
         return {
             "sngd/damping": diag["damping"] / refreshes if refreshes else math.nan,
             "sngd/refreshes": float(refreshes),
-            "sngd/skipped_steps": float(self.skipped_steps),
-            **self.trust_region_diagnostics("sngd"),
+            **self._step_diagnostics("sngd"),
         }
 
     # -------------------------------------------------------------------------- state dict

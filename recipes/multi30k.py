@@ -33,7 +33,7 @@ import transformers
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from fngd_hf.trainer import FNGDTrainer as RecipeTrainer, FNGDTrainingArguments as RecipeTrainingArguments
+from fngd_hf.integrations import FNGDTrainer as RecipeTrainer, FNGDTrainingArguments as RecipeTrainingArguments
 from fngd_hf.translation.data import (
     DEFAULT_DATASET_NAME,
     TEST_SETS,

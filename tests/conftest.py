@@ -55,3 +55,14 @@ def seq2seq_args(tmp_path):
         return tiny_models.stock_seq2seq_args(tmp_path / "out", **overrides)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons (mixed precision, the active dataloader): a bf16 Trainer test,
+    or a training interrupted by an expected error, must not change how a later test's loop runs."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -20,7 +20,7 @@ import warnings
 import torch
 import tiny_models
 from fngd_hf import FNGD, attach_accelerator
-from fngd_hf.trainer import FNGDTrainer, FNGDTrainingArguments
+from fngd_hf.integrations import FNGDTrainer, FNGDTrainingArguments
 
 
 class CopyTask(torch.utils.data.Dataset):

@@ -11,7 +11,7 @@ import reference as ref
 import test_exactness as ex
 from fngd_hf import CWNGD, FNGD
 from fngd_hf import functional as F
-from fngd_hf import optimizer as optimizer_module
+from fngd_hf import batched as batched_module
 from tiny_models import spy_batches
 
 
@@ -119,7 +119,7 @@ def test_batched_training_equals_the_per_layer_path(kind, share_by):
 
 def test_layers_are_batched_in_chunks_under_a_memory_budget(monkeypatch):
     whole, whole_opt, whole_calls = run_steps("bart", True, steps=4)
-    monkeypatch.setattr(optimizer_module, "_BATCHED_MAX_ELEMENTS", 1)  # room for one layer at a time
+    monkeypatch.setattr(batched_module, "_BATCHED_MAX_ELEMENTS", 1)  # room for one layer at a time
     chunked, _, calls = run_steps("bart", True, steps=4)
     assert max(whole_calls) > 1 and set(calls) == {1} and sum(calls) == sum(whole_calls)
     assert_same_blocks(chunked, whole, whole_opt, rtol=1e-12)
@@ -128,7 +128,7 @@ def test_layers_are_batched_in_chunks_under_a_memory_budget(monkeypatch):
 def test_a_backward_holding_too_much_batches_in_rounds(monkeypatch):
     whole, whole_opt, whole_calls = run_steps("bart", True, steps=4)
     # Every layer's tensors exceed the budget: each is done as soon as it is staged, in the backward.
-    monkeypatch.setattr(optimizer_module, "_DEFERRED_MAX_BYTES", 1)
+    monkeypatch.setattr(batched_module, "_DEFERRED_MAX_BYTES", 1)
     rounds, rounds_opt, calls = run_steps("bart", True, steps=4)
     assert max(whole_calls) > 1 and set(calls) == {1} and sum(calls) == sum(whole_calls)
     assert not rounds_opt._deferred and not rounds_opt._deferred_bytes
@@ -222,7 +222,7 @@ def test_without_the_private_torch_api_everything_takes_the_plain_paths(monkeypa
     grads = {}
     for plain in (False, True):
         if plain:
-            monkeypatch.setattr(optimizer_module, "_ENGINE_QUERIES", False)
+            monkeypatch.setattr(batched_module, "_ENGINE_QUERIES", False)
             monkeypatch.setattr(capture, "_apply_natural_gradient", None)
         model = ref.tiny_seq2seq("bart", seed=0)
         opt = FNGD(model, share_coefficients=False, batch_layers=True)

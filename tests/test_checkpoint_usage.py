@@ -101,7 +101,7 @@ def test_card_snippets_work_without_fngd_hf(checkpoint, tmp_path):
 
 
 def test_import_fngd_hf_does_not_import_translation_code():
-    code = ("import sys, fngd_hf, fngd_hf.trainer\n"
+    code = ("import sys, fngd_hf, fngd_hf.integrations.trainer\n"
             "from transformers.pipelines import PIPELINE_REGISTRY\n"
             "print(sorted(m for m in sys.modules if m.startswith('fngd_hf.translation')),"
             " 'translation' in PIPELINE_REGISTRY.get_supported_tasks())")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fngd_hf import CWNGD, FNGD, KFAC, SNGD, attach_accelerator
-from fngd_hf.checkpointing import (
+from fngd_hf.integrations.checkpointing import (
     RANK_STATE_FILE,
     rank_state,
     restore_on_load,

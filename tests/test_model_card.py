@@ -10,7 +10,7 @@ RESULTS = {"test_2016_flickr": {"bleu": 35.123, "chrf": 61.0}, "test_2017_mscoco
 # test_2016_flickr: the first 500 of 1,000 sentences, greedy; test_2017_mscoco: all of it, beam 4.
 EVALUATED = {"test_2016_flickr": {"sentences": 500, "total": 1000, "num_beams": 1},
              "test_2017_mscoco": {"sentences": 461, "total": 461, "num_beams": 4}}
-FNGD_SETTINGS = {"optimizer": "fngd", "class": "fngd_hf.optimizer.FNGD", "damping": "0.1 (relative)",
+FNGD_SETTINGS = {"optimizer": "fngd", "class": "fngd_hf.fngd.FNGD", "damping": "0.1 (relative)",
                  "momentum": 0.9, "trust ratio": 1.0}
 PASSED = {"ran": True, "passed": True, "source_gap": 2.5, "min_gap": 0.05}
 FAILED = {"ran": True, "passed": False, "source_gap": 0.004, "min_gap": 0.05}

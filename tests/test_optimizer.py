@@ -61,13 +61,20 @@ def test_target_modules_regex_and_errors():
 
 
 # --------------------------------------------------------------------------- AdamW parity
+def test_the_adamw_part_has_its_own_default_rate():
+    """FNGD's AdamW part runs at AdamW's benchmark rate unless told otherwise, not at FNGD's lr (5x that)."""
+    opt = FNGD(make_mlp(), lr=1e-2)
+    assert [g["lr"] for g in opt.param_groups if not g["fngd"]] == [2e-3]
+    assert [g["lr"] for g in FNGD(make_mlp(), lr=1e-2, adamw_lr=5e-4).param_groups if not g["fngd"]] == [5e-4]
+
+
 @pytest.mark.parametrize("method", [FNGD, CWNGD, KFAC, SNGD])
 @pytest.mark.parametrize("model_fn", [lambda: nn.Sequential(nn.LayerNorm(6), nn.Embedding(3, 6)), make_mlp])
 def test_nothing_managed_equals_torch_adamw(model_fn, method):
     model_a, model_b = model_fn(), model_fn()
     model_b.load_state_dict(model_a.state_dict())
     targets = [] if any(isinstance(m, nn.Linear) for m in model_a.modules()) else None
-    opt_a = method(model_a, lr=3e-3, target_modules=targets, adamw_betas=(0.8, 0.99), adamw_eps=1e-6,
+    opt_a = method(model_a, lr=3e-3, target_modules=targets, adamw_lr=3e-3, adamw_betas=(0.8, 0.99), adamw_eps=1e-6,
                  adamw_weight_decay=0.05)
     opt_b = torch.optim.AdamW(model_b.parameters(), lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
     assert not opt_a.managed_modules
@@ -682,7 +689,7 @@ def test_host_copy_of_bank_sizes_follows_growth_and_checkpoints():
 def test_adamw_no_decay_exempts_named_parameters_from_weight_decay():
     model = tiny_bart()
     names = [n for n, _ in model.named_parameters() if n.endswith("bias") or "layernorm" in n]
-    opt = FNGD(model, lr=0.1, share_coefficients=False, adamw_weight_decay=0.5, adamw_no_decay=names)
+    opt = FNGD(model, lr=0.1, share_coefficients=False, adamw_lr=0.1, adamw_weight_decay=0.5, adamw_no_decay=names)
     exempt = {n for n, p in model.named_parameters() if any(p is q for q in opt.param_groups[2]["params"])}
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.5, 0.0]
     assert "model.encoder.layernorm_embedding.weight" in exempt and "model.shared.weight" not in exempt
@@ -770,3 +777,22 @@ def test_adamw_parameters_are_the_unmanaged_ones():
 def test_parameters_instead_of_the_model_is_a_clear_error():
     with pytest.raises(TypeError, match=r"takes the model .* optimizers=\(FNGD\(model, \.\.\.\), None\)"):
         FNGD(make_mlp().parameters(), lr=0.01)
+
+
+def test_auto_trust_ratio_follows_the_square_root_of_the_batch():
+    """``"auto"`` (relative damping): the trust region is sqrt(B/64) of the batch-64 one below 64 samples, so a
+    small batch's many noisy steps cannot random-walk a layer away (the batch-8 collapse); 1.0 from 64 on."""
+    moved = {}
+    for ratio, batch in (("auto", 5), (1.0, 5), ("auto", 64)):
+        model = make_mlp()
+        start = torch.cat([model[0].weight.detach().flatten(), model[0].bias.detach()])
+        opt = FNGD(model, lr=0.1, momentum=0.0, share_coefficients=False, trust_ratio=ratio, damping=1e-3)
+        x, y = mlp_batch(0, batch=batch)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        after = torch.cat([model[0].weight.detach().flatten(), model[0].bias.detach()])
+        moved[ratio, batch] = float((after - start).norm()) / float(start.norm())
+        assert opt.diagnostics()["fngd/trust_clipped"] > 0  # the bound acts on these steps
+    assert moved[1.0, 5] == pytest.approx(0.1, rel=1e-4)  # lr · 1.0 of the layer's norm
+    assert moved["auto", 5] == pytest.approx(0.1 * (5 / 64) ** 0.5, rel=1e-4)
+    assert moved["auto", 64] == pytest.approx(0.1, rel=1e-4)

@@ -143,7 +143,7 @@ def test_recipe_fngd(tmp_path, data_dir):
     output_dir, log = run_recipe(tmp_path / "fngd", data_dir, "fngd", "--fail_on_collapse", "False")
     check_output(output_dir, data_dir, "fngd", log)
     card = (output_dir / "README.md").read_text(encoding="utf-8")
-    assert "Optimizer used: **FNGD" in card and "| class | fngd_hf.optimizer.FNGD |" in card
+    assert "Optimizer used: **FNGD" in card and "| class | fngd_hf.fngd.FNGD |" in card
     optimizer_section = card.split("## Optimizer")[1].split("## Training")[0]
     assert "| damping | 0.1 (relative" in optimizer_section and "| trust ratio | 1 |" in optimizer_section
     assert "[" not in optimizer_section and "{" not in optimizer_section  # no per-group dumps

@@ -16,7 +16,8 @@ from transformers import (
 
 import fngd_hf.functional as functional
 from fngd_hf import FNGD
-from fngd_hf.trainer import FNGDTrainer, FNGDTrainingArguments, unwrap_fngd
+from fngd_hf.integrations import FNGDTrainer, FNGDTrainingArguments
+from fngd_hf.integrations.trainer import unwrap_fngd
 
 import tiny_models
 
@@ -255,7 +256,7 @@ def test_sample_keys_ignore_padding_and_tell_samples_apart():
 
 
 def test_global_norm_of_mixed_dtypes_equals_the_norm_of_everything():
-    from fngd_hf.trainer import _global_norm
+    from fngd_hf.integrations.trainer import _global_norm
 
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g).bfloat16(), torch.randn(2, 2, generator=g).double()]
@@ -592,7 +593,7 @@ def test_trainer_builds_every_peer_method(tmp_path, name, optim_args, expected):
 
 
 def test_optim_args_parsing():
-    from fngd_hf.trainer import parse_optim_args
+    from fngd_hf.integrations.arguments import parse_optim_args
 
     assert parse_optim_args("damping=1e-3, inverse_method=eigen,rank=8") == {
         "damping": 1e-3, "inverse_method": "eigen", "rank": 8}

@@ -13,7 +13,7 @@ def attach_accelerator(accelerator, optimizer):
       epoch that ``accelerator.accumulate`` closes early: that step is then the average of its
       micro-batches' natural gradients too, with no warning.
     * ``accelerator.save_state()``/``load_state()`` keep every process's own coefficient bank
-      (:func:`fngd_hf.checkpointing.keep_rank_state`).
+      (:func:`fngd_hf.integrations.checkpointing.keep_rank_state`).
 
     ``optimizer``: the optimizer or what ``accelerator.prepare`` returned for it. Returns a handle whose
     ``remove()`` unregisters the checkpoint hooks.

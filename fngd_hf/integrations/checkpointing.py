@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .base import LayerwiseOptimizer
+from ..base import LayerwiseOptimizer
 
 RANK_STATE_FILE = "fngd_coefficients_rank{rank}.pt"
 

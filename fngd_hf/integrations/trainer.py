@@ -1,4 +1,4 @@
-"""Hugging Face ``Seq2SeqTrainer`` integration: :class:`FNGDTrainingArguments` and :class:`FNGDTrainer`.
+"""Hugging Face ``Seq2SeqTrainer`` integration: :class:`FNGDTrainer` (its arguments: :mod:`.arguments`).
 
 Usage::
 
@@ -18,46 +18,25 @@ checkpoints. With ``optimizer="adamw"`` or ``"sgd"`` it behaves like the stock `
 
 from __future__ import annotations
 
-import ast
-import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, fields
 
 import torch
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+from transformers import Seq2SeqTrainer
 from transformers.trainer_utils import has_length
 
-from .base import LayerwiseOptimizer, direction_tag
+from .. import settings
+from ..base import LayerwiseOptimizer
+from ..cwngd import CWNGD
+from ..directions import direction_tag
+from ..fngd import FNGD
+from ..kfac import KFAC
+from ..sample_sharing import sample_keys
+from .arguments import ARG_DEFAULTS, FP16_MESSAGE, LAYERWISE, parse_optim_args
 from .checkpointing import restore_on_load, save_rank_state
-from .cwngd import CWNGD
-from .kfac import KFAC
-from .optimizer import FNGD
-from .sample_sharing import sample_keys
 
-logger = logging.getLogger(__name__)
-
-OPTIMIZERS = ("fngd", "ngd", "cwngd", "kfac", "sngd", "shampoo", "muon", "adamw", "sgd")
-# Methods built on LayerwiseOptimizer: the trainer scales their loss and clips their update.
-LAYERWISE = ("fngd", "ngd", "cwngd", "kfac", "sngd")
-STAT_DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
-BATCH_LAYERS = {"auto": "auto", "true": True, "false": False}
 SGD_MOMENTUM = 0.9
-
-
-def parse_optim_args(text: str | None) -> dict:
-    """``'damping=1e-3,inverse_method=eigen'`` -> ``{'damping': 0.001, 'inverse_method': 'eigen'}``."""
-    kwargs = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"optim_args items must be key=value, got {item!r}")
-        try:
-            kwargs[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key.strip()] = value.strip()
-    return kwargs
 
 
 def unwrap_fngd(optimizer) -> LayerwiseOptimizer | None:
@@ -69,192 +48,6 @@ def unwrap_fngd(optimizer) -> LayerwiseOptimizer | None:
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1
     return None
-
-
-@dataclass
-class FNGDTrainingArguments(Seq2SeqTrainingArguments):
-    """``Seq2SeqTrainingArguments`` plus the optimizer choice and FNGD's settings.
-
-    ``learning_rate`` is FNGD's ``lr``, ``weight_decay`` the AdamW part's decoupled weight decay
-    (biases and LayerNorm exempt, as with the stock Trainer),
-    ``adam_beta1/2`` and ``adam_epsilon`` the AdamW part's constants, ``max_grad_norm`` the
-    global clip of the applied FNGD update ``lr·d`` (see :class:`FNGDTrainer`).
-    """
-
-    optimizer: str = field(
-        default="fngd",
-        metadata={
-            "help": "fngd: FNGD with coefficient sharing; ngd: the same with coefficients recomputed every step; "
-            "cwngd: component-wise NGD (FNGD's settings); kfac: K-FAC; sngd: structured NGD; shampoo: Shampoo from "
-            "pytorch-optimizer (extra `shampoo`); muon: torch.optim.Muon on the same 2-D weights FNGD manages, AdamW on the "
-            "rest (fngd_hf.muon.MuonHybrid); adamw: the Trainer's own optimizer (`optim`); sgd: torch.optim.SGD "
-            "with momentum 0.9. kfac/sngd/shampoo take their own settings from `optim_args` "
-            "(e.g. 'damping=1e-3,inverse_update_freq=10'); the FNGD layers' momentum, weight decay and targets "
-            "come from the fngd_* fields.",
-            "choices": list(OPTIMIZERS),
-        },
-    )
-    fngd_damping: float = field(
-        default=0.1,
-        metadata={"help": "FNGD damping: gamma (relative mode; 0.1 won benchmarks/convergence.py) or lambda (fixed mode)."},
-    )
-    fngd_damping_mode: str = field(
-        default="relative",
-        metadata={
-            "help": "relative: lambda*B = gamma*||K||_F; fixed: lambda as given.",
-            "choices": ["relative", "fixed"],
-        },
-    )
-    fngd_damping_floor: float = field(
-        default=0.0, metadata={"help": "Relative damping only: lambda >= damping_floor."}
-    )
-    fngd_momentum: float = field(default=0.9, metadata={"help": "Heavy-ball momentum on the FNGD direction."})
-    fngd_weight_decay: float = field(
-        default=0.0, metadata={"help": "Decoupled weight decay of the FNGD-managed layers (weight and bias)."}
-    )
-    fngd_share_coefficients: bool = field(
-        default=True,
-        metadata={"help": "Reuse the first epoch's coefficients in later epochs (ignored for optimizer=ngd)."},
-    )
-    fngd_share_by: str = field(
-        default="position",
-        metadata={
-            "help": "position: step s of a later epoch reuses the coefficients of step s of the first epoch (the "
-            "paper); sample: every training sample keeps the coefficient it got when first seen (the trainer "
-            "identifies samples by a hash of their token ids).",
-            "choices": ["position", "sample"],
-        },
-    )
-    fngd_scale_mode: str = field(
-        default="shared",
-        metadata={
-            "help": "shared: reuse beta as stored; refreshed: rescale it by tr(K_stored)/tr(K_new).",
-            "choices": ["shared", "refreshed"],
-        },
-    )
-    fngd_shared_phase: str = field(
-        default="coefficients",
-        metadata={
-            "help": "What the FNGD layers do after the first epoch: coefficients: reuse the first epoch's (the "
-            "paper); adamw: train with AdamW on their plain gradient at the AdamW part's rate (fngd_adamw_lr).",
-            "choices": ["coefficients", "adamw"],
-        },
-    )
-    fngd_batch_layers: str = field(
-        default="auto",
-        metadata={
-            "help": "true: in the first epoch, equally shaped layers form their Gram matrices and solves together at "
-            "the end of each backward (few GPU kernels; holds their inputs and output gradients until then, at most "
-            "1 GiB); false: each layer in its own backward; auto: true on GPUs, false on CPUs.",
-            "choices": list(BATCH_LAYERS),
-        },
-    )
-    fngd_trust_ratio: float | str | None = field(
-        default="auto",
-        metadata={
-            "help": "Per-layer trust region ||d|| <= ratio*||[W|b]|| (a step moves a layer by at most "
-            "lr*ratio of its norm, before momentum): a float, 'auto' (1.0 with relative damping, off with fixed) "
-            "or 'none'."
-        },
-    )
-    fngd_target_modules: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Module-name regexes or suffixes of the layers FNGD manages; default: every nn.Linear/Conv1D "
-            "except vocabulary heads and layers tied to embeddings."
-        },
-    )
-    fngd_stat_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype of the Gram matrix and the Cholesky solve; auto: float64 for a float64 model, else float32.",
-            "choices": list(STAT_DTYPES),
-        },
-    )
-    fngd_adamw_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of the AdamW part (default: learning_rate)."}
-    )
-
-    def __post_init__(self):
-        self._validate_fngd()
-        super().__post_init__()
-        # After the parent: it reads `accelerate launch --mixed_precision` from the environment.
-        if self.optimizer in LAYERWISE and (self.fp16 or getattr(self, "mixed_precision", "no") == "fp16"):
-            raise ValueError(_FP16_MESSAGE)
-
-    def _validate_fngd(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"Invalid optimizer: {self.optimizer!r} (expected one of {', '.join(OPTIMIZERS)})")
-        if not self.fngd_damping > 0.0:
-            raise ValueError(f"Invalid fngd_damping: {self.fngd_damping} (must be > 0)")
-        if self.fngd_damping_mode not in ("relative", "fixed"):
-            raise ValueError(f"Invalid fngd_damping_mode: {self.fngd_damping_mode!r} (expected 'relative' or 'fixed')")
-        if self.fngd_damping_floor < 0.0:
-            raise ValueError(f"Invalid fngd_damping_floor: {self.fngd_damping_floor} (must be >= 0)")
-        if not 0.0 <= self.fngd_momentum < 1.0:
-            raise ValueError(f"Invalid fngd_momentum: {self.fngd_momentum} (must be in [0, 1))")
-        if self.fngd_weight_decay < 0.0:
-            raise ValueError(f"Invalid fngd_weight_decay: {self.fngd_weight_decay} (must be >= 0)")
-        if self.fngd_share_by not in ("position", "sample"):
-            raise ValueError(f"Invalid fngd_share_by: {self.fngd_share_by!r} (expected 'position' or 'sample')")
-        if self.fngd_scale_mode not in ("shared", "refreshed"):
-            raise ValueError(f"Invalid fngd_scale_mode: {self.fngd_scale_mode!r} (expected 'shared' or 'refreshed')")
-        if self.fngd_shared_phase not in ("coefficients", "adamw"):
-            raise ValueError(f"Invalid fngd_shared_phase: {self.fngd_shared_phase!r} (expected 'coefficients' or 'adamw')")
-        if self.fngd_batch_layers not in BATCH_LAYERS:
-            raise ValueError(f"Invalid fngd_batch_layers: {self.fngd_batch_layers!r} (expected 'auto', 'true' or 'false')")
-        self.fngd_trust_ratio = _parse_ratio(self.fngd_trust_ratio)
-        if isinstance(self.fngd_target_modules, str):
-            self.fngd_target_modules = [self.fngd_target_modules]
-        if self.fngd_target_modules is not None and len(self.fngd_target_modules) == 0:
-            raise ValueError("Invalid fngd_target_modules: an empty list (use None for the default choice)")
-        if self.fngd_stat_dtype not in STAT_DTYPES:
-            raise ValueError(f"Invalid fngd_stat_dtype: {self.fngd_stat_dtype!r} (expected 'auto', 'float32' or 'float64')")
-        if self.fngd_adamw_lr is not None and not self.fngd_adamw_lr > 0.0:
-            raise ValueError(f"Invalid fngd_adamw_lr: {self.fngd_adamw_lr} (must be > 0, or None)")
-
-    @property
-    def uses_fngd(self) -> bool:
-        return self.optimizer in ("fngd", "ngd")
-
-    @property
-    def fngd_dtype(self) -> torch.dtype | None:
-        return STAT_DTYPES[self.fngd_stat_dtype]
-
-
-_FP16_MESSAGE = (
-    "FNGD does not support fp16 with a GradScaler: the scaler multiplies the loss before backward, and FNGD's "
-    "Gram matrix and coefficients (computed during backward) are not linear in that scale, and steps the scaler "
-    "skips would leave half-accumulated statistics behind. Use bf16=True (statistics stay float32) or float32."
-)
-
-
-def _parse_ratio(value):
-    """``fngd_trust_ratio`` from the command line arrives as a string."""
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        ratio = None if value is None else float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return "auto"
-        if text in ("none", "null", "off", ""):
-            return None
-        try:
-            ratio = float(text)
-        except ValueError:
-            raise ValueError(
-                f"Invalid fngd_trust_ratio: {value!r} (a positive number, 'auto' or 'none')"
-            ) from None
-    else:
-        raise ValueError(f"Invalid fngd_trust_ratio: {value!r} (a positive number, 'auto' or 'none')")
-    if ratio is not None and not ratio > 0.0:
-        raise ValueError(f"Invalid fngd_trust_ratio: {value!r} (must be > 0)")
-    return ratio
-
-
-_ARG_DEFAULTS = {
-    f.name: f.default for f in fields(FNGDTrainingArguments) if f.name.startswith(("fngd_", "optimizer"))
-}
 
 
 class FNGDTrainer(Seq2SeqTrainer):
@@ -318,13 +111,13 @@ class FNGDTrainer(Seq2SeqTrainer):
         if self._fngd_requested() or unwrap_fngd(self.optimizer) is not None:
             # `accelerate launch --mixed_precision fp16` reaches the accelerator without setting args.fp16.
             if self.args.fp16 or getattr(self.accelerator, "mixed_precision", "no") == "fp16":
-                raise ValueError(_FP16_MESSAGE)
+                raise ValueError(FP16_MESSAGE)
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise ValueError("FNGD needs whole nn.Linear weights: DeepSpeed and FSDP are not supported")
 
     # ----------------------------------------------------------------------------- settings
     def _arg(self, name: str):
-        return getattr(self.args, name, _ARG_DEFAULTS[name])
+        return getattr(self.args, name, ARG_DEFAULTS[name])
 
     def _fngd_requested(self) -> bool:
         return self._arg("optimizer") in LAYERWISE
@@ -362,10 +155,11 @@ class FNGDTrainer(Seq2SeqTrainer):
         self._configure_fngd()
         return self.optimizer
 
-    def _build_peer(self, model, name: str):
-        """K-FAC, SNGD or Shampoo: lr, momentum, targets and the AdamW part as for FNGD, the rest from optim_args."""
+    def _shared_kwargs(self, model) -> dict:
+        """What every method but SGD takes from the arguments: lr, the managed layers' momentum, weight decay
+        and targets (the fngd_* fields), and the AdamW part."""
         args = self.args
-        common = dict(
+        return dict(
             lr=args.learning_rate,
             momentum=self._arg("fngd_momentum"),
             weight_decay=self._arg("fngd_weight_decay"),
@@ -376,53 +170,51 @@ class FNGDTrainer(Seq2SeqTrainer):
             adamw_weight_decay=args.weight_decay,
             adamw_no_decay=self._no_decay_names(model),
         )
-        extra = parse_optim_args(args.optim_args)
-        if name == "muon":
-            from .muon import build_muon  # torch.optim.Muon: torch >= 2.9
 
+    def _layerwise_kwargs(self, model) -> dict:
+        """:meth:`_shared_kwargs` plus what the layer-wise methods take: the accumulation count, and
+        ``max_grad_norm`` as the clip of the applied update (see the class docstring)."""
+        args = self.args
+        return dict(
+            self._shared_kwargs(model),
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            clip_update_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
+        )
+
+    def _build_peer(self, model, name: str):
+        """K-FAC, SNGD or Shampoo: lr, momentum, targets and the AdamW part as for FNGD, the rest from optim_args."""
+        extra = parse_optim_args(self.args.optim_args)
+        if name == "muon":
+            from ..muon import build_muon  # torch.optim.Muon: torch >= 2.9
+
+            common = self._shared_kwargs(model)
             common.pop("momentum")  # Muon's own default (0.95), or optim_args
             return build_muon(model, **common, **extra)
         if name == "shampoo":
-            from .shampoo import build_shampoo  # optional dependency: a clear ImportError if missing
+            from ..shampoo import build_shampoo  # optional dependency: a clear ImportError if missing
 
-            return build_shampoo(model, **common, **extra)
-        common.update(
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            clip_update_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
-        )
+            return build_shampoo(model, **self._shared_kwargs(model), **extra)
         if name == "kfac":
-            return KFAC(model, **common, **extra)
-        from .sngd import SNGD
+            return KFAC(model, **self._layerwise_kwargs(model), **extra)
+        from ..sngd import SNGD
 
-        return SNGD(model, **common, **extra)
+        return SNGD(model, **self._layerwise_kwargs(model), **extra)
 
     def _build_fngd(self, model, share: bool, cls: type[FNGD] = FNGD) -> FNGD:
-        args = self.args
-        ratio = _parse_ratio(self._arg("fngd_trust_ratio"))
         return cls(
             model,
-            lr=args.learning_rate,
             damping=self._arg("fngd_damping"),
             damping_mode=self._arg("fngd_damping_mode"),
-            momentum=self._arg("fngd_momentum"),
-            weight_decay=self._arg("fngd_weight_decay"),
             share_coefficients=share and self._arg("fngd_share_coefficients"),
             steps_per_epoch=self._fngd_steps_per_epoch,
-            target_modules=self._arg("fngd_target_modules"),
-            adamw_lr=self._arg("fngd_adamw_lr"),
-            adamw_betas=(args.adam_beta1, args.adam_beta2),
-            adamw_eps=args.adam_epsilon,
-            adamw_weight_decay=args.weight_decay,
-            adamw_no_decay=self._no_decay_names(model),
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
             damping_floor=self._arg("fngd_damping_floor"),
-            trust_ratio=ratio,
+            trust_ratio=self._arg("fngd_trust_ratio"),  # parsed, "auto" resolved, by FNGD itself
             scale_mode=self._arg("fngd_scale_mode"),
             shared_phase=self._arg("fngd_shared_phase"),
             share_by=self._arg("fngd_share_by"),
-            batch_layers=BATCH_LAYERS[self._arg("fngd_batch_layers")],
-            clip_update_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
-            stat_dtype=STAT_DTYPES[self._arg("fngd_stat_dtype")],
+            batch_layers=settings.BATCH_LAYERS_NAMES[self._arg("fngd_batch_layers")],
+            stat_dtype=settings.STAT_DTYPE_NAMES[self._arg("fngd_stat_dtype")],
+            **self._layerwise_kwargs(model),
         )
 
     def _no_decay_names(self, model) -> list[str]:

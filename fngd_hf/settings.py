@@ -1,0 +1,183 @@
+"""Every setting of the optimizers and of ``FNGDTrainingArguments``, parsed and validated here only.
+
+Small validators that return the value they accept and raise ``ValueError("Invalid <name>: ...")``
+otherwise (``name`` is the caller's spelling: ``damping`` for ``FNGD``, ``fngd_damping`` for the
+arguments), the choices each setting accepts, ``"auto"``'s meaning for the trust region, and
+:class:`LayerwiseSettings`, the arguments every layer-wise optimizer (FNGD, CW-NGD, K-FAC, SNGD) shares.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Iterable
+
+import torch
+
+AUTO = "auto"
+DAMPING_MODES = ("relative", "fixed")
+# "shared": reuse β as stored; "refreshed": rescale it by tr(K_stored)/tr(K_new).
+SCALE_MODES = ("shared", "refreshed")
+SHARE_BY = ("position", "sample")
+# What the managed layers do after the first epoch: reuse its coefficients (the paper), or train with
+# AdamW on their plain gradient (the first epoch's natural gradient as a warm start; docs/convergence.md).
+SHARED_PHASES = ("coefficients", "adamw")
+GRAM_PATHS = (AUTO, "token", "per_sample")
+SOLVE_CHECKS = (AUTO, "per_layer", "per_step")
+# How each micro-batch loss of an accumulated step was divided: by the micro-batches the step really had
+# (so they sum to the whole step's loss: FNGDTrainer, `loss / len(window)`), or always by
+# gradient_accumulation_steps (accelerate's `accelerator.backward`, also in an epoch's shorter last window).
+LOSS_DIVISORS = ("micro_batches", "gradient_accumulation_steps")
+BATCH_LAYERS = (AUTO, True, False)
+INVERSE_METHODS = ("eigen", "cholesky")
+# The command line's spelling of stat_dtype and batch_layers (FNGDTrainingArguments) -> the optimizer's.
+STAT_DTYPE_NAMES = {AUTO: None, "float32": torch.float32, "float64": torch.float64}
+BATCH_LAYERS_NAMES = {AUTO: AUTO, "true": True, "false": False}
+_NONE_NAMES = ("none", "null", "off", "")
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _alternatives(choices: Iterable) -> str:
+    """``('a', 'b', 'c')`` -> ``"'a', 'b' or 'c'"``."""
+    names = [repr(choice) for choice in choices]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def positive(name: str, value, *, optional: bool = False, finite: bool = False):
+    """``value > 0`` (``None`` too if ``optional``; ``finite``: a real, finite number)."""
+    if value is None and optional:
+        return None
+    if (finite and not _real(value)) or not value > 0.0:
+        what = "a finite number > 0" if finite else "must be > 0"
+        raise ValueError(f"Invalid {name}: {value} ({what}{', or None' if optional else ''})")
+    return value
+
+
+def non_negative(name: str, value, *, finite: bool = False):
+    if (finite and not _real(value)) or not value >= 0.0:
+        raise ValueError(f"Invalid {name}: {value} ({'a finite number >= 0' if finite else 'must be >= 0'})")
+    return value
+
+
+def fraction(name: str, value, *, finite: bool = False):
+    """``0 <= value < 1`` (momentum, a decay rate, an Adam beta)."""
+    if (finite and not _real(value)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
+    return value
+
+
+def positive_int(name: str, value, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"Invalid {name}: {value} (a positive integer{', or None' if optional else ''})")
+    return int(value)
+
+
+def one_of(name: str, value, choices: Iterable):
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (expected {_alternatives(choices)})")
+    return value
+
+
+def betas(name: str, value, *, finite: bool = False) -> tuple[float, float]:
+    """Two Adam betas in ``[0, 1)``."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) or not finite else ()
+    if len(pair) != 2 or not all((_real(b) or not finite) and 0.0 <= b < 1.0 for b in pair):
+        raise ValueError(f"Invalid {name}: {value} (two numbers in [0, 1))")
+    return pair
+
+
+def parse_trust_ratio(value, name: str = "trust_ratio") -> float | str | None:
+    """A positive number, ``None`` (off) or ``"auto"``; from a command line also as text (``"0.5"``, ``"none"``)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == AUTO:
+            return AUTO
+        if text in _NONE_NAMES:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"Invalid {name}: {value!r} (a positive number, 'auto' or 'none')") from None
+    elif value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        raise ValueError(f"Invalid {name}: {value!r} (a positive number, 'auto' or 'none')")
+    return positive(name, None if value is None else float(value), optional=True)
+
+
+def resolve_trust_ratio(value, damping_mode: str | None = None, name: str = "trust_ratio") -> float | None:
+    """:func:`parse_trust_ratio`, with ``"auto"`` resolved for FNGD's ``damping_mode``: 1.0 with relative
+    damping (scaled per step by :func:`auto_trust_scale`), off with fixed. Measured (benchmarks/stability_trial.py): without it relative damping
+    diverges; at the default lr 1e-2 this bounds a step to 1% of the layer's norm. ``"auto"`` needs a
+    ``damping_mode`` (K-FAC and SNGD have no automatic trust region)."""
+    ratio = parse_trust_ratio(value, name)
+    if ratio == AUTO:
+        if damping_mode is None:
+            raise ValueError(f"Invalid {name}: 'auto' is FNGD's (it follows damping_mode); a positive number or None")
+        return 1.0 if damping_mode == "relative" else None
+    return ratio
+
+
+# FNGD's automatic trust region is 1.0 at this many samples per step, and shrinks like sqrt(B/64) below it
+# (the square-root scaling rule): at 1.0 a small batch's many noisy steps, each as large as the trust region
+# allows, random-walked the cross-attention until the model ignored its source (batch 8 and 16 collapsed;
+# docs/convergence.md, "Batch size").
+TRUST_REFERENCE_BATCH = 64
+
+
+def auto_trust_scale(samples_per_step: int) -> float:
+    """The factor ``"auto"`` applies to the trust ratio for a step of ``samples_per_step`` samples."""
+    return min(1.0, (samples_per_step / TRUST_REFERENCE_BATCH) ** 0.5)
+
+
+def share_by_with_phase(share_by: str, shared_phase: str) -> None:
+    if shared_phase == "adamw" and share_by == "sample":
+        raise ValueError("shared_phase='adamw' switches after the first epoch: it needs share_by='position'")
+
+
+def adamw_part(lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, *, finite: bool = False):
+    """``(adamw_lr, adamw_betas)`` of the AdamW part, validated (``adamw_lr=None``: ``lr``)."""
+    adamw_lr = positive("adamw_lr", lr if adamw_lr is None else adamw_lr, finite=finite)
+    pair = betas("adamw_betas", adamw_betas, finite=finite)
+    non_negative("adamw_eps", adamw_eps, finite=finite)
+    non_negative("adamw_weight_decay", adamw_weight_decay, finite=finite)
+    return adamw_lr, pair
+
+
+@dataclass(kw_only=True)
+class LayerwiseSettings:
+    """The arguments every layer-wise optimizer shares (see :class:`~fngd_hf.FNGD` for their meaning),
+    validated once, when made (``adamw_lr`` then holds the AdamW part's rate, ``lr`` when it was ``None``)."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    target_modules: Iterable[str] | None
+    adamw_lr: float | None
+    adamw_betas: tuple[float, float]
+    adamw_eps: float
+    adamw_weight_decay: float
+    adamw_no_decay: Iterable[str] | None
+    gradient_accumulation_steps: int
+    trust_ratio: float | None
+    clip_update_norm: float | None
+
+    def __post_init__(self):
+        positive("learning rate", self.lr)
+        fraction("momentum", self.momentum)
+        non_negative("weight_decay", self.weight_decay)
+        self.adamw_lr, self.adamw_betas = adamw_part(
+            self.lr, self.adamw_lr, self.adamw_betas, self.adamw_eps, self.adamw_weight_decay
+        )
+        positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        self.trust_ratio = resolve_trust_ratio(self.trust_ratio)
+        positive("clip_update_norm", self.clip_update_norm, optional=True)
+
+    @classmethod
+    def pick(cls, arguments: dict) -> "LayerwiseSettings":
+        """From an optimizer constructor's ``locals()``: the shared arguments, by name."""
+        return cls(**{field.name: arguments[field.name] for field in fields(cls)})
