@@ -252,15 +252,19 @@ def _words_value(words: list[str], flag: str) -> str | None:
 def default_adamw_lr(method: str, lr: float) -> float | None:
     """The AdamW-part rate the trainer uses for ``method`` at ``lr`` when ``--fngd_adamw_lr`` is not given.
 
-    Mirrors the trainer: ``FNGDTrainingArguments.fngd_adamw_lr``'s default, ``None`` meaning ``learning_rate``.
+    Mirrors the trainer: ``FNGDTrainingArguments.fngd_adamw_lr``'s default, ``None`` meaning the optimizer's own
+    (FNGD, NGD and CW-NGD: ``fngd_hf.fngd.DEFAULT_ADAMW_LR``; the other hybrids: ``learning_rate``).
     """
     if method in NO_ADAMW_PART:
         return None
     sys.path.insert(0, str(REPO))
+    from fngd_hf.fngd import DEFAULT_ADAMW_LR
     from fngd_hf.integrations.arguments import FNGDTrainingArguments
 
     default = FNGDTrainingArguments.__dataclass_fields__["fngd_adamw_lr"].default
-    return float(lr) if default is None else float(default)
+    if default is not None:
+        return float(default)
+    return DEFAULT_ADAMW_LR if method in ("fngd", "ngd", "cwngd") else float(lr)
 
 
 def used_adamw_lr(record: dict, historical: bool = False) -> float | None:
@@ -279,6 +283,9 @@ def used_adamw_lr(record: dict, historical: bool = False) -> float | None:
 def is_shipped_default(method: str, lr: float, adamw_lr: float | None, variant: str) -> bool:
     """No variant, the recipe's default learning rate for the method and the trainer's default AdamW-part rate."""
     default = DEFAULT_LEARNING_RATES.get(method)
+    # A variant that only sets the AdamW-part rate is the default when that rate is the default one.
+    variant = "+".join(v for v in variant.split("+") if v and not (v.startswith("adamw_lr") and adamw_lr is not None
+                                                                   and adamw_lr == default_adamw_lr(method, lr)))
     if variant or default is None or not math.isclose(lr, default, rel_tol=1e-9):
         return False
     expected = default_adamw_lr(method, lr)

@@ -51,6 +51,7 @@ def run(out: Path, resume: str | None = None, **overrides) -> FNGDTrainer:
     settings = dict(
         output_dir=str(out / "run"), optimizer="fngd", use_cpu=True, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, num_train_epochs=3, learning_rate=1e-2, logging_steps=4,
+        fngd_adamw_lr=1e-2, fngd_trust_ratio=1.0,  # the rates this toy was tuned at (8 samples per step)
         save_strategy="steps", save_steps=2, report_to=[], disable_tqdm=True, seed=0,
     )
     args = FNGDTrainingArguments(**{**settings, **overrides})

@@ -583,8 +583,10 @@ def test_source_check_flags_a_model_that_ignores_its_source(tmp_path, caplog):
 def test_trainer_builds_every_peer_method(tmp_path, name, optim_args, expected):
     if name == "shampoo":
         pytest.importorskip("pytorch_optimizer")
-    args = make_args(tmp_path, optimizer=name, optim_args=optim_args, num_train_epochs=3,
-                     learning_rate=1e-2 if name == "shampoo" else 0.05)
+    rate = 1e-2 if name == "shampoo" else 0.05
+    # The AdamW part at the same rate and the batch-64 trust region: a quick toy, not the defaults' test.
+    args = make_args(tmp_path, optimizer=name, optim_args=optim_args, num_train_epochs=3, learning_rate=rate,
+                     fngd_adamw_lr=rate, fngd_trust_ratio=1.0 if name == "cwngd" else "auto")
     trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32))
     trainer.train()
     assert type(trainer.optimizer.optimizer).__name__ == expected
