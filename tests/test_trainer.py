@@ -19,6 +19,8 @@ from fngd_hf import FNGD
 from fngd_hf.integrations import FNGDTrainer, FNGDTrainingArguments
 from fngd_hf.integrations.trainer import unwrap_fngd
 
+from fngd_hf.kfac import KFAC
+from fngd_hf.sngd import SNGD
 import tiny_models
 
 VOCAB = 20
@@ -602,3 +604,17 @@ def test_optim_args_parsing():
     assert parse_optim_args(None) == {}
     with pytest.raises(ValueError, match="key=value"):
         parse_optim_args("damping")
+
+
+@pytest.mark.parametrize("name", ["kfac", "sngd"])
+def test_a_given_trust_ratio_reaches_kfac_and_sngd(tmp_path, name):
+    """fngd_trust_ratio is not FNGD's alone: given, the peers get it; 'auto' leaves them their own default."""
+    model = tiny_bart()
+    trainer = FNGDTrainer(model=model, args=make_args(tmp_path, optimizer=name, fngd_trust_ratio="0.3"),
+                          train_dataset=CopyTask(8))
+    opt = unwrap_fngd(trainer.create_optimizer())
+    assert [g["trust_ratio"] for g in opt.param_groups if g["fngd"]] == [0.3]
+    default = FNGDTrainer(model=tiny_bart(), args=make_args(tmp_path, optimizer=name), train_dataset=CopyTask(8))
+    reference = (KFAC if name == "kfac" else SNGD)(tiny_bart())
+    assert ([g["trust_ratio"] for g in unwrap_fngd(default.create_optimizer()).param_groups if g["fngd"]]
+            == [g["trust_ratio"] for g in reference.param_groups if g["fngd"]])

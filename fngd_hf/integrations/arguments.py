@@ -109,8 +109,9 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         default=settings.AUTO,
         metadata={
             "help": "Per-layer trust region ||d|| <= ratio*||[W|b]|| (a step moves a layer by at most "
-            "lr*ratio of its norm, before momentum): a float, 'auto' (1.0 with relative damping, off with fixed) "
-            "or 'none'."
+            "lr*ratio of its norm, before momentum): a float, 'auto' (FNGD: min(1, sqrt(B/64)) with relative damping, "
+            "B the samples per step, off with fixed; K-FAC and SNGD: their own default) or 'none'. A given value "
+            "also reaches K-FAC and SNGD."
         },
     )
     fngd_target_modules: list[str] | None = field(

@@ -194,11 +194,15 @@ class FNGDTrainer(Seq2SeqTrainer):
             from ..shampoo import build_shampoo  # optional dependency: a clear ImportError if missing
 
             return build_shampoo(model, **self._shared_kwargs(model), **extra)
+        common = self._layerwise_kwargs(model)
+        ratio = self._arg("fngd_trust_ratio")
+        if ratio != settings.AUTO and "trust_ratio" not in extra:  # given: K-FAC and SNGD take it too
+            common["trust_ratio"] = settings.parse_trust_ratio(ratio, "fngd_trust_ratio")
         if name == "kfac":
-            return KFAC(model, **self._layerwise_kwargs(model), **extra)
+            return KFAC(model, **common, **extra)
         from ..sngd import SNGD
 
-        return SNGD(model, **self._layerwise_kwargs(model), **extra)
+        return SNGD(model, **common, **extra)
 
     def _build_fngd(self, model, share: bool, cls: type[FNGD] = FNGD) -> FNGD:
         return cls(
