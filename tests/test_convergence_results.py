@@ -56,11 +56,13 @@ def test_labels_tell_seeds_and_adamw_rates_apart_and_keep_old_labels():
 
 
 def test_command_keeps_only_repo_relative_paths():
-    text = convergence.relative_command(OLD_COMMAND + " --tokenizer_name /tmp/tok --cache /work/shared/x")
+    # A path beside the repo becomes relative; one under another top folder keeps only its name.
+    elsewhere = "/elsewhere-than-the-repo/tok"
+    text = convergence.relative_command(OLD_COMMAND + f" --tokenizer_name {elsewhere} --cache {REPO.parent}/shared/x")
     assert text.startswith("python recipes/multi30k.py --output_dir OUT/fngd-lr1e-2 ")
     assert "--data_dir ../shared/data/multi30k" in text and "--cache ../shared/x" in text
     assert "--tokenizer_name '<tok>'" in text
-    assert "/work" not in text and "/tmp" not in text
+    assert str(REPO.parent) not in text and "/elsewhere" not in text and "/work" not in text
     live = f"/usr/bin/python3 {REPO}/recipes/multi30k.py --output_dir {REPO}/docs/x/runs/muon-lr2e-3-seed1 --seed 1"
     assert convergence.relative_command(live) == "python recipes/multi30k.py --output_dir OUT/muon-lr2e-3-seed1 --seed 1"
 
