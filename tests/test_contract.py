@@ -23,7 +23,7 @@ from torch import nn
 
 from fngd_hf import CWNGD, FNGD, KFAC, SNGD
 from fngd_hf.base import LayerwiseOptimizer
-from tiny_models import NoLinear, no_linear_batch
+from tiny_models import NoLinear, train_pairs_on_no_linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matrices, a loaded machine
 
@@ -182,12 +182,7 @@ def test_without_managed_layers_it_is_torch_adamw(name):
                           adamw_weight_decay=adamw["weight_decay"])
     ref = torch.optim.AdamW(reference.parameters(), **adamw)
     assert not opt.managed_modules
-    for seed in range(8):
-        ids, y = no_linear_batch(seed)
-        for m, o in ((model, opt), (reference, ref)):
-            nn.functional.cross_entropy(m(ids), y).backward()
-            o.step()
-            o.zero_grad()
+    train_pairs_on_no_linear([(model, opt), (reference, ref)], steps=8)
     assert_same_parameters(model, reference)
     assert not torch.equal(model.head, NoLinear().head)  # it did train
 

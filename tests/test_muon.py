@@ -10,7 +10,7 @@ from torch import nn
 
 from fngd_hf import select_modules
 from fngd_hf.muon import MuonHybrid, build_muon
-from tiny_models import NoLinear, make_mlp, mlp_batch, no_linear_batch, tiny_bart
+from tiny_models import NoLinear, make_mlp, mlp_batch, tiny_bart, train_pairs_on_no_linear
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9+"),
@@ -59,12 +59,7 @@ def test_without_managed_layers_it_is_torch_adamw_bitwise():
     opt = MuonHybrid(model, **kwargs)
     ref = torch.optim.AdamW(reference.parameters(), lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)
     assert opt.muon is None and [g["use_muon"] for g in opt.param_groups] == [False]
-    for seed in range(5):
-        ids, y = no_linear_batch(seed)
-        for m, o in ((model, opt), (reference, ref)):
-            nn.functional.cross_entropy(m(ids), y).backward()
-            o.step()
-            o.zero_grad()
+    train_pairs_on_no_linear([(model, opt), (reference, ref)], steps=5)
     assert_same_parameters(model, reference)
     assert not torch.equal(model.head, NoLinear().head)  # it did train
 

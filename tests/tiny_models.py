@@ -85,6 +85,16 @@ def no_linear_batch(seed, batch=4, length=5):
     return torch.randint(0, 12, (batch, length), generator=g), torch.randint(0, 3, (batch,), generator=g)
 
 
+def train_pairs_on_no_linear(pairs, steps):
+    """``steps`` steps of every ``(model, optimizer)`` in ``pairs`` on the same ``no_linear_batch`` batches."""
+    for seed in range(steps):
+        ids, y = no_linear_batch(seed)
+        for model, opt in pairs:
+            nn.functional.cross_entropy(model(ids), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+
 class CopyTask(torch.utils.data.Dataset):
     """Fixed-length copy task for a seq2seq model: labels are the source ids (ordinary tokens, no padding, so
     the default collator stacks it)."""
