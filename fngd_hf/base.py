@@ -367,12 +367,17 @@ class LayerwiseOptimizer(TaggedDirections, LayerwiseState, torch.optim.Optimizer
                 torch._foreach_mul_(old_buffers, momentum)
                 torch._foreach_add_(old_buffers, old_directions)
             directions = buffers
+        directions = self._scale_step(params, directions, owner, group)
         if self.clip_update_norm is not None:
             # Clip the applied update lr·(momentum buffer) to a global norm; the buffer itself is kept.
             step_norm = lr * torch.linalg.vector_norm(torch.stack(torch._foreach_norm(directions)).float())
             factor = torch.clamp(self.clip_update_norm / step_norm.clamp(min=1e-30), max=1.0)
             directions = torch._foreach_mul(directions, factor.to(directions[0].dtype))
         torch._foreach_add_(params, directions, alpha=-lr)
+
+    def _scale_step(self, params: list, directions: list, owner: list[int], group: dict) -> list:
+        """The step's directions after momentum, rescaled as a subclass decides (FNGD's grafting); as they are."""
+        return directions
 
     def _owner_index(self, owner: list[int], sizes: list[int], device: torch.device):
         """``(owner as a device tensor, elements per layer)``, copied to the device once, not at every step."""

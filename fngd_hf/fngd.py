@@ -21,6 +21,7 @@ from .bank import CoefficientBank, _end_of_dataloader
 from .base import LayerwiseOptimizer
 from .batched import BatchedFirstEpoch, _DeferredLayer
 from .capture import CapturedLayer
+from .graft import AdamWStepLength
 from .runtime import _distributed
 from .sample_sharing import SampleIndex
 
@@ -30,7 +31,7 @@ from .sample_sharing import SampleIndex
 # the AdamW part at 2e-3 (docs/convergence.md).
 DEFAULT_ADAMW_LR = 2e-3
 
-class FNGD(BatchedFirstEpoch, CoefficientBank, LayerwiseOptimizer):
+class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimizer):
     """Inverse-free fast natural gradient descent (Ou et al., 2024) with AdamW for the rest.
 
     Usage::
@@ -88,7 +89,11 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, LayerwiseOptimizer):
     loss of an accumulated step was divided: ``"micro_batches"``, by the number the step really had,
     so they sum to the step's loss, as ``FNGDTrainer`` does; ``"gradient_accumulation_steps"``, always
     by that number, as ``accelerator.backward`` does even in an epoch's shorter last window;
-    :func:`fngd_hf.attach_accelerator` sets it).
+:func:`fngd_hf.attach_accelerator` sets it), ``shared_phase`` (after the first epoch: ``"coefficients"``,
+    reuse its coefficients, the paper; ``"adamw"``, AdamW on the managed layers' plain gradient),
+    ``step_length`` (how far a managed layer moves: ``"trust_region"``, ``lr·d`` bounded by the trust region;
+    ``"adamw"``, grafting: AdamW's update length for that layer along FNGD's direction, ``lr`` then
+    AdamW-scale, one more weight-gradient matmul per layer; :mod:`fngd_hf.graft`).
     """
 
     def __init__(
@@ -120,12 +125,14 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, LayerwiseOptimizer):
         batch_layers: bool | str = "auto",
         loss_divided_by: str = "micro_batches",
         shared_phase: str = "coefficients",
+        step_length: str = "trust_region",
     ):
         settings.positive("damping", damping)
         settings.one_of("damping_mode", damping_mode, settings.DAMPING_MODES)
         settings.non_negative("damping_floor", damping_floor)
-        trust_auto = settings.parse_trust_ratio(trust_ratio) == settings.AUTO and damping_mode == "relative"
-        trust_ratio = settings.resolve_trust_ratio(trust_ratio, damping_mode)
+        trust_auto = (settings.parse_trust_ratio(trust_ratio) == settings.AUTO and damping_mode == "relative"
+                      and step_length == "trust_region")
+        trust_ratio = settings.trust_ratio_for_step_length(trust_ratio, step_length, damping_mode)
         adamw_lr = DEFAULT_ADAMW_LR if adamw_lr is None else adamw_lr
         settings.one_of("scale_mode", scale_mode, settings.SCALE_MODES)
         settings.one_of("stat_dtype", stat_dtype, (None, torch.float32, torch.float64))
@@ -148,6 +155,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, LayerwiseOptimizer):
         self.batch_layers = batch_layers
         self.loss_divided_by = loss_divided_by
         self.shared_phase = shared_phase
+        self.step_length = step_length
+        self._init_graft()
         self._trust_auto = trust_auto
         self._step_samples: dict[int, int] = {}  # micro-batch -> its samples, this step (the auto trust ratio)
         self._init_batched()
@@ -173,6 +182,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, LayerwiseOptimizer):
         """Called from the layer's backward: the micro-batch's natural gradient, already averaged.
 
         ``x`` and ``delta`` are outside any graph (the capture detaches them under ``create_graph``)."""
+        if self._grafting:
+            self._record_plain_gradient(layer, x, delta)
         micro = layer.micro_batches
         batch = x.shape[0]
         self._step_samples.setdefault(micro, batch)
@@ -334,8 +345,15 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, LayerwiseOptimizer):
         world = torch.distributed.get_world_size() if _distributed() else 1
         return settings.auto_trust_scale(sum(self._step_samples.values()) * world)
 
+    def _scale_step(self, params: list, directions: list, owner: list[int], group: dict) -> list:
+        if not self._grafting:
+            return directions
+        owner_index, _ = self._owner_index(owner, [p.numel() for p in params], directions[0].device)
+        return self._graft(params, directions, owner_index, group)
+
     def _discard_staged(self) -> None:
         self._step_samples.clear()
+        self._discard_plain_gradients()
         self._discard_deferred()
         self._fold_diagnostics()
         self._discard_bank_staging()
@@ -381,6 +399,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, LayerwiseOptimizer):
             "scale_mode": self.scale_mode,
             "share_by": self.share_by,
             "shared_phase": self.shared_phase,
+            "step_length": self.step_length,
             "solve_check_fell_back": self._solve_check_fell_back,
             "sample_ids": self._sample_index.to_tensor(),
             "incomplete_layers": sorted(self._incomplete_layers),
@@ -388,7 +407,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, LayerwiseOptimizer):
 
     def _load_extra_state(self, extra: dict) -> None:
         for key, current in (("share_coefficients", self.share_coefficients), ("share_by", self.share_by),
-                             ("scale_mode", self.scale_mode), ("shared_phase", self.shared_phase)):
+                             ("scale_mode", self.scale_mode), ("shared_phase", self.shared_phase),
+                             ("step_length", self.step_length)):
             if key in extra and extra[key] != current:
                 warnings.warn(
                     f"the checkpoint was written with {key}={extra[key]!r}, this optimizer has {current!r}: "

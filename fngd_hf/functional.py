@@ -309,6 +309,13 @@ def weighted_gradient(
     return _weighted_sum(flat_x, weighted_delta, has_bias, transposed)
 
 
+def plain_gradient(
+    x: torch.Tensor, delta: torch.Tensor, has_bias: bool, transposed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's ordinary ``(dW, db) = Σ_t δ_t x̂_tᵀ`` from ``x`` of shape ``(B, T, i)`` and ``delta`` ``(B, T, o)``."""
+    return _weighted_sum(x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1]), has_bias, transposed)
+
+
 def sample_weights(beta: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """``scale·β`` in ``dtype``, shaped to multiply ``delta`` of shape ``(B, T, o)``: ``(B, 1, 1)`` for
     FNGD's ``β`` of shape ``(B,)``, ``(B, 1, o)`` for CW-NGD's ``(B, o)``."""

@@ -22,6 +22,9 @@ SHARE_BY = ("position", "sample")
 # What the managed layers do after the first epoch: reuse its coefficients (the paper), or train with
 # AdamW on their plain gradient (the first epoch's natural gradient as a warm start; docs/convergence.md).
 SHARED_PHASES = ("coefficients", "adamw")
+# How far a managed layer moves: the trust region's bound on FNGD's own step (the default), or AdamW's update
+# length for that layer, along FNGD's direction (grafting, fngd_hf/graft.py).
+STEP_LENGTHS = ("trust_region", "adamw")
 GRAM_PATHS = (AUTO, "token", "per_sample")
 SOLVE_CHECKS = (AUTO, "per_layer", "per_step")
 # How each micro-batch loss of an accumulated step was divided: by the micro-batches the step really had
@@ -120,6 +123,18 @@ def resolve_trust_ratio(value, damping_mode: str | None = None, name: str = "tru
             raise ValueError(f"Invalid {name}: 'auto' is FNGD's (it follows damping_mode); a positive number or None")
         return 1.0 if damping_mode == "relative" else None
     return ratio
+
+
+def trust_ratio_for_step_length(value, step_length: str, damping_mode: str, name: str = "trust_ratio") -> float | None:
+    """:func:`resolve_trust_ratio`; with ``step_length="adamw"`` AdamW's length replaces the trust region, so a
+    ratio given there would be silently ignored: only ``"auto"`` or ``None`` is accepted, and it is off."""
+    one_of("step_length", step_length, STEP_LENGTHS)
+    if step_length == "adamw":
+        if parse_trust_ratio(value, name) not in (AUTO, None):
+            raise ValueError(f"Invalid {name}: {value!r} with step_length='adamw' (AdamW's update length replaces "
+                             f"the trust region): leave it 'auto' or None")
+        return None
+    return resolve_trust_ratio(value, damping_mode, name)
 
 
 # FNGD's automatic trust region is 1.0 at this many samples per step, and shrinks like sqrt(B/64) below it

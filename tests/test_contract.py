@@ -1,6 +1,6 @@
 """The contract every optimizer of the package keeps, one test per promise, each run for every optimizer.
 
-FNGD, NGD (FNGD without sharing), CW-NGD, SNGD, K-FAC, Shampoo (``build_shampoo``) and the Muon hybrid
+FNGD, NGD (FNGD without sharing), FNGD grafted onto AdamW's step length, CW-NGD, SNGD, K-FAC, Shampoo (``build_shampoo``) and the Muon hybrid
 (``MuonHybrid``), each built by ``FACTORIES[name](model, **overrides)``:
 
 a. the loss falls on a tiny BART (a plain loop over fixed batches);
@@ -57,6 +57,8 @@ def _build_muon(model, **kwargs):
 FACTORIES = {
     "fngd": _with_defaults(FNGD, lr=0.1, steps_per_epoch=STEPS_PER_EPOCH, adamw_lr=ADAMW_LR),
     "ngd": _with_defaults(FNGD, lr=0.1, share_coefficients=False, adamw_lr=ADAMW_LR),
+    "fngd_graft": _with_defaults(FNGD, lr=ADAMW_LR, steps_per_epoch=STEPS_PER_EPOCH, adamw_lr=ADAMW_LR,
+                                 step_length="adamw"),
     "cwngd": _with_defaults(CWNGD, lr=0.1, steps_per_epoch=STEPS_PER_EPOCH, adamw_lr=ADAMW_LR),
     "sngd": _with_defaults(SNGD, lr=0.1, rank=8, update_freq=2, adamw_lr=ADAMW_LR),
     "kfac": _with_defaults(KFAC, lr=0.1, inverse_update_freq=2, adamw_lr=ADAMW_LR),

@@ -130,6 +130,14 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         default=None, metadata={"help": "Learning rate of the AdamW part (default: FNGD's, 2e-3; the peers: learning_rate)."}
     )
 
+    fngd_step_length: str = _choice(
+        "trust_region",
+        settings.STEP_LENGTHS,
+        "How far an FNGD layer moves: trust_region: lr times its natural gradient, bounded by the trust region "
+        "(the paper's step with our safeguard); adamw: AdamW's update length for that layer along the natural "
+        "gradient (grafting; learning_rate is then AdamW-scale, e.g. 2e-3).",
+    )
+
     def __post_init__(self):
         self._validate_fngd()
         super().__post_init__()
@@ -147,6 +155,7 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         settings.one_of("fngd_share_by", self.fngd_share_by, settings.SHARE_BY)
         settings.one_of("fngd_scale_mode", self.fngd_scale_mode, settings.SCALE_MODES)
         settings.one_of("fngd_shared_phase", self.fngd_shared_phase, settings.SHARED_PHASES)
+        settings.one_of("fngd_step_length", self.fngd_step_length, settings.STEP_LENGTHS)
         settings.one_of("fngd_batch_layers", self.fngd_batch_layers, settings.BATCH_LAYERS_NAMES)
         # From the command line it arrives as text; "auto" is resolved when FNGD is built (it follows damping_mode).
         self.fngd_trust_ratio = settings.parse_trust_ratio(self.fngd_trust_ratio, "fngd_trust_ratio")

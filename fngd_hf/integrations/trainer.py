@@ -215,6 +215,7 @@ class FNGDTrainer(Seq2SeqTrainer):
             trust_ratio=self._arg("fngd_trust_ratio"),  # parsed, "auto" resolved, by FNGD itself
             scale_mode=self._arg("fngd_scale_mode"),
             shared_phase=self._arg("fngd_shared_phase"),
+            step_length=self._arg("fngd_step_length"),
             share_by=self._arg("fngd_share_by"),
             batch_layers=settings.BATCH_LAYERS_NAMES[self._arg("fngd_batch_layers")],
             stat_dtype=settings.STAT_DTYPE_NAMES[self._arg("fngd_stat_dtype")],
