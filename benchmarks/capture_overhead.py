@@ -27,7 +27,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fngd_hf import FNGD  # noqa: E402
-from step_time import emulate_gpu_code_path  # noqa: E402
 
 
 def main(argv=None):
@@ -40,7 +39,6 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    emulate_gpu_code_path()
     x = torch.randn(args.batch_size, args.tokens, args.width)
 
     def stack():
@@ -49,7 +47,7 @@ def main(argv=None):
 
     def fngd_step_fn(steps_per_epoch):
         model = stack()
-        opt = FNGD(model, lr=1e-3, steps_per_epoch=steps_per_epoch)
+        opt = FNGD(model, lr=1e-3, steps_per_epoch=steps_per_epoch, launch_bound=True)  # FNGD's GPU code path
 
         def forward_backward():
             opt.zero_grad(set_to_none=True)

@@ -85,6 +85,7 @@ sys.path.insert(0, str(REPO))
 import fngd_hf  # noqa: E402
 from fngd_hf import CWNGD, FNGD, KFAC, SNGD  # noqa: E402
 from fngd_hf import functional as F  # noqa: E402
+from fngd_hf.base import LayerwiseOptimizer  # noqa: E402
 from fngd_hf.translation.models import build_config, resolve_shape  # noqa: E402
 
 PAD, EOS = 0, 1
@@ -128,8 +129,12 @@ def build_model(preset, vocab_size, seed, dropout):
 # ---------------------------------------------------------------------------------- variants
 # ------------------------------------------------------------------------------- optimizers
 def make_optimizer(method, model, device, total_steps):
+    return as_on_gpu(_make_optimizer(method, model, device, total_steps))
+
+
+def _make_optimizer(method, model, device, total_steps):
     first_epoch = max(MULTI30K_STEPS_PER_EPOCH, total_steps + 1)
-    fngd_kwargs = dict(lr=1e-3, damping=1.0, adamw_lr=1e-4)
+    fngd_kwargs = dict(lr=1e-3, damping=1.0, adamw_lr=1e-4, launch_bound=True if _FOREACH_ON_CPU else "auto")
     if method == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=device.type == "cuda" or _FOREACH_ON_CPU)
     if method == "sgd":
@@ -153,9 +158,8 @@ def make_optimizer(method, model, device, total_steps):
         batched = method == "fngd_first_batched"
         return FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, batch_layers=batched, **fngd_kwargs)
     if method == "fngd_first_padded":  # the batched path keeping its padding tokens (no host read in backward)
-        opt = FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, batch_layers=True, **fngd_kwargs)
-        opt._drop_zero_tokens = False
-        return opt
+        return FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, batch_layers=True, drop_padding=False,
+                    **fngd_kwargs)
     if method == "fngd_shared":
         return FNGD(model, share_coefficients=True, steps_per_epoch=2, **fngd_kwargs)
     if method == "ngd":
@@ -236,21 +240,22 @@ _FOREACH_ON_CPU = False  # set by emulate_gpu_code_path: AdamW and SGD as on a G
 
 
 def emulate_gpu_code_path():
-    """Make FNGD take, on a CPU, the path it takes on a GPU: no padding-token removal, the token Gram,
-    Cholesky checked once per step, the first epoch's layers batched at the end of backward, and (for every method) AdamW's and SGD's multi-tensor (foreach)
-    update, torch's default on GPUs. Same numbers; used to count the operators (kernel launches on a
-    GPU) a GPU step would make, and to time the host's share of it, on a machine without one.
-    Process-wide: for this benchmark only."""
+    """Make every optimizer built here take, on a CPU, the path it takes on a GPU: FNGD with
+    ``launch_bound=True`` (the token Gram, Cholesky checked once per step, the first epoch's layers batched
+    at the end of backward, no per-layer padding removal) and every AdamW and SGD update multi-tensor
+    (``foreach``, torch's default on GPUs). Same numbers; used to count the operators (kernel launches on a
+    GPU) a GPU step would make, and to time the host's share of it, on a machine without one."""
     global _FOREACH_ON_CPU
-    import functools
-
-    import fngd_hf.base
-    from torch.optim.adamw import adamw
-
     _FOREACH_ON_CPU = True
-    fngd_hf.base.adamw_update = functools.partial(adamw, foreach=True)
-    FNGD._launch_bound = staticmethod(lambda tensor: True)  # every "auto" choice as on a GPU
-    F.kept_tokens = lambda x, delta: None
+
+
+def as_on_gpu(opt):
+    """With :func:`emulate_gpu_code_path`: the AdamW part of a layer-wise optimizer multi-tensor, as on a GPU."""
+    if _FOREACH_ON_CPU and isinstance(opt, LayerwiseOptimizer):
+        for group in opt.param_groups:
+            if not group["fngd"]:
+                group["foreach"] = True
+    return opt
 
 
 def count_ops(model, opt, batch, device, bf16):
@@ -277,33 +282,15 @@ def count_ops(model, opt, batch, device, bf16):
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    original = FNGD._host_counts
-
-    def counted_read(counts):  # .tolist() does not go through the dispatcher
-        Counter.host_reads += 1
-        return original(counts)
-
-    # The batched first epoch's inputs and output gradients held at each round, as its 1 GiB budget counts them.
-    held_bytes = [0]
-    if isinstance(opt, FNGD):
-        flush = opt._flush_deferred
-
-        def measured_flush(task):
-            entries = opt._deferred.get(task, ())
-            held = sum(t.numel() * t.element_size() for e in entries for t in (e.x, e.delta))
-            held_bytes[0] = max(held_bytes[0], held)
-            return flush(task)
-
-        opt._flush_deferred = measured_flush
     flops = FlopCounterMode(display=False)
-    FNGD._host_counts = staticmethod(counted_read)
-    try:
-        with Counter(), flops:
-            train_step(model, opt, batch, device, bf16)
-    finally:
-        FNGD._host_counts = staticmethod(original)
-        if isinstance(opt, FNGD):
-            del opt._flush_deferred
+    batched = isinstance(opt, FNGD)
+    if batched:  # its own counters: the padding drop's count reads (.tolist(), not dispatched) and held bytes
+        reads_before, opt.peak_held_bytes = opt.host_reads, 0
+    with Counter(), flops:
+        train_step(model, opt, batch, device, bf16)
+    if batched:
+        Counter.host_reads += opt.host_reads - reads_before
+    held_bytes = [opt.peak_held_bytes if batched else 0]
     return dict(ops_per_step=Counter.ops, host_reads_per_step=Counter.host_reads,
                 gflop_per_step=flops.get_total_flops() / 1e9, held_mib=held_bytes[0] / 2**20)
 
@@ -443,84 +430,51 @@ def print_table(results, reference="adamw", out=sys.stdout):
 
 
 # --------------------------------------------------------------------------------------- profile
-class Timers:
-    """Wraps callables so each call is bracketed by syncs and its wall time summed under a name."""
-
-    def __init__(self, device):
-        self.device = device
-        self.total = {}
-        self.calls = {}
-        self._depth = 0
-
-    def wrap(self, name, fn):
-        def timed(*a, **kw):
-            sync(self.device)
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                sync(self.device)
-                self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - t
-                self.calls[name] = self.calls.get(name, 0) + 1
-
-        return timed
+# The functions whose cumulative time the profile reports: FNGD's hook, its bank, its step, and the maths.
+PROFILED = ("_layer_gradient", "_flush_deferred", "_stored_coefficients", "_after_step", "_step_checks",
+            "_managed_group_step", "_adamw_group_step", "gram_matrix", "damping_times_batch", "solve_coefficients",
+            "solve_coefficients_deferred", "weighted_gradient", "apply_sample_weights")
 
 
 def profile_fngd(base_model, batches, args, device, methods):
-    """Per-function sync-bracketed timers, then torch.profiler's top operators per method."""
+    """Per function of ``fngd_hf`` (``PROFILED``), cumulative host time per step from ``cProfile``, with the
+    forward/backward/step split (synced); then torch.profiler's top operators per method. Host time is what
+    bounds a GPU step at these sizes; on a CPU it is all of the time."""
+    import cProfile
+    import pstats
+
     report = {}
-    originals = {name: getattr(F, name) for name in ("gram_matrix", "damping_times_batch", "solve_coefficients", "solve_coefficients_deferred", "weighted_gradient")}
-    fngd_methods = {
-        "_layer_gradient (whole hook)": FNGD._layer_gradient,
-        "_stored_coefficients": FNGD._stored_coefficients,
-        "_after_step (bank writes)": FNGD._after_step,
-        "_step_checks (step sync)": FNGD._step_checks,
-        "_managed_group_step": FNGD._managed_group_step,
-        "_adamw_group_step": FNGD._adamw_group_step,
-    }
-    attr_names = {
-        "_layer_gradient (whole hook)": "_layer_gradient",
-        "_stored_coefficients": "_stored_coefficients",
-        "_after_step (bank writes)": "_after_step",
-        "_step_checks (step sync)": "_step_checks",
-        "_managed_group_step": "_managed_group_step",
-        "_adamw_group_step": "_adamw_group_step",
-    }
     n_steps = args.profile_steps
+    package = str(Path(fngd_hf.__file__).parent)
     for method in methods:
         if method in ("adamw", "sgd"):
             continue
-        timers = Timers(device)
-        for name, fn in originals.items():
-            setattr(F, name, timers.wrap(name, fn))
-        for label, fn in fngd_methods.items():
-            setattr(FNGD, attr_names[label], timers.wrap(label, fn))
-        try:
-            model = copy.deepcopy(base_model).to(device).train()
-            opt = make_optimizer(method, model, device, 0)  # a Multi30K-sized bank
-            for r in range(4):  # warm-up (past the shared phase's 2-step epoch)
-                train_step(model, opt, batches[r % len(batches)], device, args.bf16)
-            timers.total.clear()
-            timers.calls.clear()
-            phases = {}
-            for r in range(n_steps):
-                train_step(model, opt, batches[(4 + r) % len(batches)], device, args.bf16, phases=phases)
-        finally:
-            for name, fn in originals.items():
-                setattr(F, name, fn)
-            for label, fn in fngd_methods.items():
-                setattr(FNGD, attr_names[label], fn)
+        model = copy.deepcopy(base_model).to(device).train()
+        opt = make_optimizer(method, model, device, 0)  # a Multi30K-sized bank
+        for r in range(4):  # warm-up (past the shared phase's 2-step epoch)
+            train_step(model, opt, batches[r % len(batches)], device, args.bf16)
+        phases = {}
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for r in range(n_steps):
+            train_step(model, opt, batches[(4 + r) % len(batches)], device, args.bf16, phases=phases)
+        profiler.disable()
+        functions, calls = {}, {}
+        for (filename, _, name), (_, ncalls, _, cumulative, _) in pstats.Stats(profiler).stats.items():
+            if filename.startswith(package) and name in PROFILED:
+                functions[name] = functions.get(name, 0.0) + 1e3 * cumulative / n_steps
+                calls[name] = calls.get(name, 0) + ncalls / n_steps
         entry = {
-            "phases_ms_per_step (with timer syncs)": {k: 1e3 * statistics.median(v) for k, v in phases.items()},
-            "functions_ms_per_step": {k: 1e3 * v / n_steps for k, v in sorted(timers.total.items(), key=lambda kv: -kv[1])},
-            "calls_per_step": {k: v / n_steps for k, v in timers.calls.items()},
+            "phases_ms_per_step": {k: 1e3 * statistics.median(v) for k, v in phases.items()},
+            "functions_ms_per_step (cumulative, cProfile)": dict(sorted(functions.items(), key=lambda kv: -kv[1])),
+            "calls_per_step": calls,
         }
         report[method] = entry
-        print(f"\n[{method}] sync-bracketed timers, ms per step (over {n_steps} steps):")
-        for k, v in entry["phases_ms_per_step (with timer syncs)"].items():
+        print(f"\n[{method}] cProfile, cumulative ms per step (over {n_steps} steps):")
+        for k, v in entry["phases_ms_per_step"].items():
             print(f"  phase {k:<34}{v:>9.2f}")
-        for k, v in entry["functions_ms_per_step"].items():
-            print(f"  {k:<40}{v:>9.2f}   ({entry['calls_per_step'][k]:.0f} calls)")
+        for k, v in entry["functions_ms_per_step (cumulative, cProfile)"].items():
+            print(f"  {k:<40}{v:>9.2f}   ({calls[k]:.0f} calls)")
         del model, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()

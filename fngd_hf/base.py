@@ -63,7 +63,9 @@ class LayerwiseOptimizer(TaggedDirections, LayerwiseState, torch.optim.Optimizer
                 )
             )
         for params, decay in weight_decay_groups(model, others, settings.adamw_weight_decay, settings.adamw_no_decay):
-            groups.append(dict(params=params, fngd=False, lr=adamw_lr, betas=betas, eps=eps, weight_decay=decay))
+            # foreach: torch.optim.AdamW's (None: torch picks; True on GPUs). A param-group key, set as in torch.
+            groups.append(dict(params=params, fngd=False, lr=adamw_lr, betas=betas, eps=eps, weight_decay=decay,
+                               foreach=None))
         if not groups:
             raise ValueError("The model has no trainable parameters")
         super().__init__(groups, dict(lr=lr))
@@ -418,7 +420,7 @@ class LayerwiseOptimizer(TaggedDirections, LayerwiseState, torch.optim.Optimizer
             return dict(group, betas=self._adamw_defaults["betas"], eps=self._adamw_defaults["eps"],
                         lr=group["lr"] * self._adamw_defaults["lr_ratio"])
         return dict(params=group["params"], lr=adamw["lr"], betas=adamw["betas"], eps=adamw["eps"],
-                    weight_decay=group["weight_decay"])
+                    weight_decay=group["weight_decay"], foreach=adamw.get("foreach"))
 
     def _adamw_group_step(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -443,5 +445,5 @@ class LayerwiseOptimizer(TaggedDirections, LayerwiseState, torch.optim.Optimizer
         adamw_update(
             params, grads, exp_avgs, exp_avg_sqs, [], steps,
             amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False, foreach=group.get("foreach"),
         )

@@ -63,15 +63,13 @@ class BatchedFirstEpoch:
 
     Its state (made by :meth:`_init_batched`): ``_deferred`` (per autograd graph task, the layers waiting
     for the batched maths), ``_deferred_bytes`` (what each task's list holds) and ``_grad_accumulators``
-    (per layer, its parameters' ``AccumulateGrad`` nodes). What it uses of the optimizer: the settings
-    ``batch_layers`` and ``gram_path``, the maths ``_stats``, ``_stat_dtype_for``, ``_damped_solve`` and
+    (per layer, its parameters' ``AccumulateGrad`` nodes), and the public counters ``host_reads`` and
+    ``peak_held_bytes``. What it uses of the optimizer: the settings
+    ``batch_layers``, ``gram_path`` and ``drop_padding``, the maths ``_stats``, ``_stat_dtype_for``, ``_damped_solve`` and
     ``_launch_bound``, the bank's ``_stage_coefficients``, and the base class's ``_note_finite``,
     ``_record_probe`` and diagnostics (``_diag``, ``_diag_staged``).
     """
 
-    # The batched path drops tokens whose output gradient is zero in every layer of a group (one host
-    # read per backward); benchmarks/step_time.py's fngd_first_padded turns it off to compare.
-    _drop_zero_tokens = True
     _batchable = True  # FNGD's (B,) coefficients from the token Gram (CW-NGD's per-unit systems are not)
 
     def _init_batched(self) -> None:
@@ -80,6 +78,8 @@ class BatchedFirstEpoch:
         self._deferred: dict[int, list[_DeferredLayer]] = {}
         self._deferred_bytes: dict[int, int] = {}  # what each task's list holds
         self._grad_accumulators: dict[int, tuple] = {}  # per layer: (its params, their AccumulateGrad nodes)
+        self.host_reads = 0  # device-to-host reads this engine made (the kept-token counts), for benchmarks
+        self.peak_held_bytes = 0  # the most input and output-gradient bytes one round held
 
     def _can_defer(self, layer: CapturedLayer, x: torch.Tensor) -> bool:
         mode = self.batch_layers
@@ -114,6 +114,7 @@ class BatchedFirstEpoch:
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._flush_deferred, task))
         entries.append(entry)
         held = self._deferred_bytes.get(task, 0) + sum(t.numel() * t.element_size() for t in (entry.x, entry.delta))
+        self.peak_held_bytes = max(self.peak_held_bytes, held)
         if held > _DEFERRED_MAX_BYTES:
             self._flush_deferred(task)  # the next layer of this backward starts a new list (and callback)
         else:
@@ -128,7 +129,7 @@ class BatchedFirstEpoch:
             return
         with torch.no_grad(), torch.autocast(entries[0].x.device.type, enabled=False):
             stacks = self._stack_equal_layers(entries)
-            kept = self._kept_tokens(stacks) if self._drop_zero_tokens else {}
+            kept = self._kept_tokens(stacks) if self.drop_padding else {}
             memberships: dict[tuple, torch.Tensor] = {}  # one per shape and statistics dtype
             stacks.reverse()
             while stacks:
@@ -174,8 +175,7 @@ class BatchedFirstEpoch:
             stacks.append((members, x, delta))
         return stacks
 
-    @classmethod
-    def _kept_tokens(cls, stacks: list[tuple]) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
+    def _kept_tokens(self, stacks: list[tuple]) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
         """Per (B, T, device) where some tokens have a zero output gradient in every layer of that shape
         (padding, ``-100`` labels): the flat indices of the others and their sample indices. Padding costs
         N² in the token Gram for nothing. The counts come in one host read for all shapes (per device):
@@ -191,9 +191,9 @@ class BatchedFirstEpoch:
         for key in masks:
             by_device.setdefault(key[2], []).append(key)
         kept = {}
-        # cls._host_counts, not this class's: a test or benchmark replaces FNGD._host_counts to count reads.
         for keys in by_device.values():  # a model spread over devices reads each device's counts
-            for key, count in zip(keys, cls._host_counts([masks[key].sum() for key in keys])):
+            self.host_reads += 1
+            for key, count in zip(keys, self._host_counts([masks[key].sum() for key in keys])):
                 if count < masks[key].shape[0]:
                     index = _nonzero(masks[key], count)
                     kept[key] = (index, index // key[1])

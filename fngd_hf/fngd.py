@@ -93,7 +93,13 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
     reuse its coefficients, the paper; ``"adamw"``, AdamW on the managed layers' plain gradient),
     ``step_length`` (how far a managed layer moves: ``"trust_region"``, ``lr·d`` bounded by the trust region;
     ``"adamw"``, grafting: AdamW's update length for that layer along FNGD's direction, ``lr`` then
-    AdamW-scale, one more weight-gradient matmul per layer; :mod:`fngd_hf.graft`).
+    AdamW-scale, one more weight-gradient matmul per layer; :mod:`fngd_hf.graft`), ``launch_bound``
+    (``"auto"``: a step on a CUDA tensor is bound by kernel launches, elsewhere by arithmetic; ``True``/``False``
+    forces the choices each implies, e.g. to time the GPU path on a CPU), ``drop_padding`` (leave tokens whose
+    output gradient is zero, i.e. padding, out of the Gram and the weighted gradient: the same numbers for
+    less arithmetic, at one host read per backward in the batched path and per layer in the per-layer path,
+    which therefore drops them only on CPUs; ``False`` keeps them). Counters: ``host_reads`` (reads the batched
+    path made for its padding drop) and ``peak_held_bytes`` (the most one batched round held).
     """
 
     def __init__(
@@ -126,6 +132,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         loss_divided_by: str = "micro_batches",
         shared_phase: str = "coefficients",
         step_length: str = "trust_region",
+        launch_bound: bool | str = "auto",
+        drop_padding: bool = True,
     ):
         settings.positive("damping", damping)
         settings.one_of("damping_mode", damping_mode, settings.DAMPING_MODES)
@@ -143,6 +151,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         settings.one_of("shared_phase", shared_phase, settings.SHARED_PHASES)
         settings.share_by_with_phase(share_by, shared_phase)
         settings.one_of("loss_divided_by", loss_divided_by, settings.LOSS_DIVISORS)
+        settings.one_of("launch_bound", launch_bound, settings.LAUNCH_BOUND)
+        settings.one_of("drop_padding", drop_padding, (True, False))
         self.steps_per_epoch = steps_per_epoch  # validates before any layer is captured
         group_options = dict(damping=damping, damping_mode=damping_mode, damping_floor=damping_floor)
         super().__init__(model, settings.LayerwiseSettings.pick(locals()), group_options)
@@ -156,6 +166,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         self.loss_divided_by = loss_divided_by
         self.shared_phase = shared_phase
         self.step_length = step_length
+        self.launch_bound = launch_bound
+        self.drop_padding = drop_padding
         self._init_graft()
         self._trust_auto = trust_auto
         self._step_samples: dict[int, int] = {}  # micro-batch -> its samples, this step (the auto trust ratio)
@@ -229,7 +241,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
             # On CPUs the Gram (N² in the tokens) and d skip the tokens with zero output gradient
             # (padding): same numbers, 1.99x -> 1.52x AdamW's step (benchmarks/step_time.py). On GPUs
             # the extra host sync per layer would cost more than it saves there (host-bound steps).
-            if x.device.type == "cpu" and x.shape[1] > 1:
+            if self.drop_padding and x.shape[1] > 1 and not self._launch_bound(x) and x.device.type == "cpu":
                 tokens = F.kept_tokens(x, delta)
             beta, diagonal, damping_b, gram_norm = self._fresh_coefficients(
                 layer, self._stats(x), self._stats(delta), scale, group, tokens
@@ -296,12 +308,12 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
             return "token"
         return self.gram_path
 
-    @staticmethod
-    def _launch_bound(tensor: torch.Tensor) -> bool:
-        """Whether ``tensor``'s device runs FNGD's GPU choices (the ``"auto"`` of ``solve_check``, ``gram_path``
-        and ``batch_layers``): on a GPU the step is bound by the host's kernel launches and syncs, not the
-        arithmetic. ``benchmarks/step_time.py --gpu-code-path`` answers True here to time that path on a CPU."""
-        return tensor.is_cuda
+    def _launch_bound(self, tensor: torch.Tensor) -> bool:
+        """Whether to make FNGD's GPU choices (the ``"auto"`` of ``solve_check``, ``gram_path`` and
+        ``batch_layers``; no per-layer padding drop): on a GPU the step is bound by the host's kernel launches
+        and syncs, not the arithmetic. ``launch_bound=True`` makes them on a CPU too
+        (``benchmarks/step_time.py --gpu-code-path`` times that path there)."""
+        return tensor.is_cuda if self.launch_bound == settings.AUTO else self.launch_bound
 
     def _trace(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
         return F.gram_trace(x, delta, layer.has_bias, scale)

@@ -32,6 +32,9 @@ SOLVE_CHECKS = (AUTO, "per_layer", "per_step")
 # gradient_accumulation_steps (accelerate's `accelerator.backward`, also in an epoch's shorter last window).
 LOSS_DIVISORS = ("micro_batches", "gradient_accumulation_steps")
 BATCH_LAYERS = (AUTO, True, False)
+# Whether a step is bound by kernel launches and host syncs (GPUs) rather than arithmetic (CPUs): it picks every
+# "auto" choice above (auto: a CUDA tensor is); True on a CPU runs the GPU choices (benchmarks/step_time.py).
+LAUNCH_BOUND = (AUTO, True, False)
 INVERSE_METHODS = ("eigen", "cholesky")
 # The command line's spelling of stat_dtype and batch_layers (FNGDTrainingArguments) -> the optimizer's.
 STAT_DTYPE_NAMES = {AUTO: None, "float32": torch.float32, "float64": torch.float64}

@@ -105,6 +105,8 @@ def main() -> None:
     by_sample = run(out / "by_sample", fngd_share_by="sample", save_strategy="no")
     sample_opt = by_sample.fngd_optimizer
     sample_bank = sum(float(s["coef_sample"].double().sum()) for s in sample_opt.state.values() if "coef_sample" in s)
+    # Grafting: each rank's plain gradients are averaged before AdamW's moments, as DDP averages .grad.
+    grafted = run(out / "graft", fngd_step_length="adamw", fngd_trust_ratio="auto", save_strategy="no")
     checkpoint = out / "accelerate_checkpoint"
     loop_params, _ = accelerate_loop(checkpoint, keep=True, resume=False)
     loop_resumed, loop_warnings = accelerate_loop(checkpoint, keep=True, resume=True)
@@ -127,6 +129,8 @@ def main() -> None:
         "bank_checksum": bank,
         "fresh_fraction": [r.get("fngd/fresh_fraction") for r in full.state.log_history if "loss" in r],
         "by_sample_params": digest(by_sample.model),
+        "graft_params": digest(grafted.model),
+        "graft_losses": [r["loss"] for r in grafted.state.log_history if "loss" in r],
         "by_sample_rows": len(sample_opt._sample_index),
         "by_sample_bank_checksum": sample_bank,
         "by_sample_fresh_fraction": [r.get("fngd/fresh_fraction") for r in by_sample.state.log_history if "loss" in r],

@@ -383,7 +383,7 @@ def test_stacked_kept_tokens_change_no_number():
     assert d_weight.shape == (layers, 3, 4) and torch.all(d_weight == 0) and torch.all(d_bias == 0)
 
 
-def test_batched_path_drops_padding_tokens_and_changes_no_step(monkeypatch):
+def test_batched_path_drops_padding_tokens_and_changes_no_step():
     """Groups seeing the source keep its real tokens; groups seeing the target keep its labelled ones."""
     batch = ref.seq2seq_batch(4, 0)
     source, target = batch["input_ids"].shape[1], batch["labels"].shape[1]
@@ -392,9 +392,9 @@ def test_batched_path_drops_padding_tokens_and_changes_no_step(monkeypatch):
     assert real_source < 4 * source and labelled < 4 * target
     models = {}
     for drop in (True, False):
-        monkeypatch.setattr(FNGD, "_drop_zero_tokens", drop)
         model = ref.tiny_seq2seq("bart", seed=0)
-        opt = FNGD(model, lr=1e-2, momentum=0.0, share_coefficients=False, batch_layers=True, stat_dtype=torch.float64)
+        opt = FNGD(model, lr=1e-2, momentum=0.0, share_coefficients=False, batch_layers=True, stat_dtype=torch.float64,
+                   drop_padding=drop)
         rows = {}
         original = opt._batched_layer_gradients
 
@@ -412,8 +412,10 @@ def test_batched_path_drops_padding_tokens_and_changes_no_step(monkeypatch):
             for name, count in rows.items():
                 sees_source = ".encoder." in name or ("encoder_attn." in name and name.endswith(("k_proj", "v_proj")))
                 assert count == (real_source if sees_source else labelled), name
+            assert opt.host_reads == 1  # the kept-token counts, once per backward
         else:
             assert set(rows.values()) == {4 * source, 4 * target}
+            assert opt.host_reads == 0
     (dropped, opt), (kept, _) = models[True], models[False]
     assert_same_blocks(dropped, kept, opt, rtol=1e-10)
 
@@ -447,7 +449,29 @@ def test_kept_token_counts_are_read_once_per_device(monkeypatch):
     def group(device, length):
         return [], torch.zeros(1, 2, length, 4, device=device), torch.zeros(1, 2, length, 5, device=device)
 
-    kept = FNGD._kept_tokens([group("cpu", 3), group("meta", 3), group("cpu", 4)])
+    opt = FNGD(ref.tiny_seq2seq("bart", seed=0))
+    kept = opt._kept_tokens([group("cpu", 3), group("meta", 3), group("cpu", 4)])
     assert reads == [{"cpu"}, {"meta"}]  # one read per device, covering both cpu shapes
+    assert opt.host_reads == 2
     assert sorted((key[1], key[2].type) for key in kept) == [(3, "cpu"), (3, "meta"), (4, "cpu")]
     assert all(index.shape == (2,) for index, _ in kept.values())
+
+
+def test_launch_bound_true_takes_the_gpu_choices_on_a_cpu_with_the_same_step():
+    """``launch_bound=True``: every "auto" as on a GPU (layers batched, the token Gram, checks at step());
+    ``False``/``"auto"`` on a CPU: the per-layer path. The same numbers either way."""
+    batch = ref.seq2seq_batch(4, 0)
+    runs = {}
+    for bound in (True, False):
+        model = ref.tiny_seq2seq("bart", seed=0)
+        opt = FNGD(model, lr=1e-2, momentum=0.0, share_coefficients=False, stat_dtype=torch.float64, launch_bound=bound)
+        calls = spy_batches(opt)
+        ref.seq2seq_loss(model, batch).backward()
+        opt.step()
+        assert (sum(calls) == len(opt.managed_modules)) if bound else calls == []
+        runs[bound] = (model, opt)
+    assert_same_blocks(runs[True][0], runs[False][0], runs[True][1], rtol=1e-8)
+    with pytest.raises(ValueError, match="launch_bound"):
+        FNGD(ref.tiny_seq2seq("bart", seed=0), launch_bound="gpu")
+    with pytest.raises(ValueError, match="drop_padding"):
+        FNGD(ref.tiny_seq2seq("bart", seed=0), drop_padding="auto")
