@@ -91,7 +91,7 @@ from fngd_hf.translation.models import build_config, resolve_shape  # noqa: E402
 PAD, EOS = 0, 1
 MULTI30K_STEPS_PER_EPOCH = 29000 // 64 + 1  # 454: the bank size a real first epoch would have
 DEFAULT_METHODS = "adamw,sgd,muon,fngd_first,fngd_shared,ngd"
-VARIANTS = ("fngd_first_token", "fngd_first_ps", "fngd_first_checked", "fngd_first_batched", "fngd_first_unbatched", "fngd_first_padded", "cwngd_first", "cwngd_shared", "kfac", "sngd", "shampoo")
+VARIANTS = ("fngd_first_token", "fngd_first_ps", "fngd_first_checked", "fngd_first_batched", "fngd_first_unbatched", "fngd_first_padded", "fngd_first_graft", "fngd_shared_graft", "cwngd_first", "cwngd_shared", "kfac", "sngd", "shampoo")
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -160,6 +160,9 @@ def _make_optimizer(method, model, device, total_steps):
     if method == "fngd_first_padded":  # the batched path keeping its padding tokens (no host read in backward)
         return FNGD(model, share_coefficients=True, steps_per_epoch=first_epoch, batch_layers=True, drop_padding=False,
                     **fngd_kwargs)
+    if method in ("fngd_first_graft", "fngd_shared_graft"):  # grafting: + a plain weight gradient per layer
+        period = first_epoch if method == "fngd_first_graft" else 2
+        return FNGD(model, share_coefficients=True, steps_per_epoch=period, step_length="adamw", **fngd_kwargs)
     if method == "fngd_shared":
         return FNGD(model, share_coefficients=True, steps_per_epoch=2, **fngd_kwargs)
     if method == "ngd":

@@ -33,12 +33,13 @@ def adam_update_lengths(
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    lengths = []
-    for m, v, step in zip(exp_avgs, exp_avg_sqs, steps):
-        # torch.optim.AdamW's bias corrections: m / (1 - β1^t) over sqrt(v / (1 - β2^t)) + ε.
-        denom = (v / (1.0 - beta2**step)).sqrt_().add_(eps)
-        lengths.append(torch.linalg.vector_norm(m / denom) / (1.0 - beta1**step))
-    return torch.stack(lengths)
+    # torch.optim.AdamW's bias corrections: m / (1 - β1^t) over sqrt(v / (1 - β2^t)) + ε, as multi-tensor ops.
+    denom = torch._foreach_div(exp_avg_sqs, [1.0 - beta2**step for step in steps])
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_div_(update, [1.0 - beta1**step for step in steps])
+    return torch.stack(torch._foreach_norm(update))
 
 
 def graft_factors(
