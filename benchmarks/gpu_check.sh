@@ -16,9 +16,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 status=0
 timeout 240 "$py" -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$out/test_cuda.log" || status=1
-# The GPU issue's grid: batch 64 and 128, fp32 and bf16 autocast, FNGD's two phases, NGD, K-FAC, Muon and AdamW,
-# each file one run (ratios to the AdamW of the same run). About 1 minute per file on an H100.
-methods=adamw,fngd_first,fngd_shared,ngd,kfac,muon
+# The GPU issue's grid: batch 64 and 128, fp32 and bf16 autocast, FNGD's two phases (also grafted onto AdamW's
+# step length), NGD, K-FAC, Muon and AdamW,
+# each file one run (ratios to the AdamW of the same run). About 1.5 minutes per file on an H100.
+methods=adamw,fngd_first,fngd_shared,fngd_first_graft,fngd_shared_graft,ngd,kfac,muon
 for batch in 64 128; do
     for dtype in float32 bf16; do
         timeout 150 "$py" benchmarks/step_time.py --preset paper --device cuda --dtype "$dtype" --batch-size "$batch" \

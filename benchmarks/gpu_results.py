@@ -21,9 +21,10 @@ RECORD_FIELDS = ("device", "dtype", "batch", "method", "phase", "step_ms", "rati
 
 
 def method_and_phase(name: str) -> tuple[str, str]:
+    """``fngd_first`` -> ``("fngd", "first")``; ``fngd_shared_graft`` -> ``("fngd_graft", "shared")``."""
     for phase in ("first", "shared"):
-        if name == f"fngd_{phase}":
-            return "fngd", phase
+        if name == f"fngd_{phase}" or name.startswith(f"fngd_{phase}_"):
+            return "fngd" + name[len(f"fngd_{phase}"):], phase
     return name, "-"
 
 

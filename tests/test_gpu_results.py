@@ -30,3 +30,12 @@ def test_a_run_without_adamw_or_memory_gives_null_ratios():
     (row,) = gpu_results.records(run, "c")
     assert row["method"] == "muon" and row["phase"] == "-" and row["dtype"] == "float32"
     assert row["ratio_to_adamw"] is None and row["peak_memory_ratio_to_adamw"] is None
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("fngd_first", ("fngd", "first")), ("fngd_shared", ("fngd", "shared")),
+    ("fngd_shared_graft", ("fngd_graft", "shared")), ("fngd_first_graft", ("fngd_graft", "first")),
+    ("ngd", ("ngd", "-")), ("fngd_firstly", ("fngd_firstly", "-")),
+])
+def test_method_and_phase_names(name, expected):
+    assert gpu_results.method_and_phase(name) == expected
