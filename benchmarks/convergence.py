@@ -102,6 +102,9 @@ VARIANT_FLAGS = {
     "damping0.03": ["--fngd_damping", "0.03"],
     "damping1": ["--fngd_damping", "1.0"],
     "by_sample": ["--fngd_share_by", "sample"],  # each sample keeps its first-epoch coefficient
+    # Uniform coefficients: with damping 1e6·‖K‖ every β_n is the same, d ∝ the plain gradient, so this is SGD
+    # with FNGD's trust region, momentum and AdamW part (the shared phase's "no curvature" limit).
+    "uniform": ["--fngd_damping", "1e6"],
     # FNGD's direction with AdamW's per-layer update length (grafting); lr is AdamW-scale, with AdamW's warmup.
     "graft": ["--fngd_step_length", "adamw", "--warmup_steps", "0.05"],
     "adamw_lr2e-3": ["--fngd_adamw_lr", "2e-3"],  # the AdamW part (embeddings, LayerNorm) at AdamW's best lr
