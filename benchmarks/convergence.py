@@ -107,6 +107,8 @@ VARIANT_FLAGS = {
     "uniform": ["--fngd_damping", "1e6"],
     # FNGD's direction with AdamW's per-layer update length (grafting); lr is AdamW-scale, with AdamW's warmup.
     "graft": ["--fngd_step_length", "adamw", "--warmup_steps", "0.05"],
+    # Muon's orthogonalised step along FNGD's direction (fngd_hf/orthogonal.py); lr AdamW-scale, Muon's schedule.
+    "muon_step": ["--fngd_step_length", "muon", "--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
     "adamw_lr2e-3": ["--fngd_adamw_lr", "2e-3"],  # the AdamW part (embeddings, LayerNorm) at AdamW's best lr
 }
 

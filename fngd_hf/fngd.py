@@ -22,6 +22,7 @@ from .base import LayerwiseOptimizer
 from .batched import BatchedFirstEpoch, _DeferredLayer
 from .capture import CapturedLayer
 from .graft import AdamWStepLength
+from .orthogonal import orthogonalized_directions
 from .runtime import _distributed
 from .sample_sharing import SampleIndex
 
@@ -93,7 +94,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
     reuse its coefficients, the paper; ``"adamw"``, AdamW on the managed layers' plain gradient),
     ``step_length`` (how far a managed layer moves: ``"trust_region"``, ``lr·d`` bounded by the trust region;
     ``"adamw"``, grafting: AdamW's update length for that layer along FNGD's direction, ``lr`` then
-    AdamW-scale, one more weight-gradient matmul per layer; :mod:`fngd_hf.graft`), ``launch_bound``
+    AdamW-scale, one more weight-gradient matmul per layer; :mod:`fngd_hf.graft`; ``"muon"``: Muon's
+    orthogonalised, RMS-matched step along FNGD's direction, ``lr`` AdamW-scale; :mod:`fngd_hf.orthogonal`), ``launch_bound``
     (``"auto"``: a step on a CUDA tensor is bound by kernel launches, elsewhere by arithmetic; ``True``/``False``
     forces the choices each implies, e.g. to time the GPU path on a CPU), ``drop_padding`` (leave tokens whose
     output gradient is zero, i.e. padding, out of the Gram and the weighted gradient: the same numbers for
@@ -358,6 +360,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         return settings.auto_trust_scale(sum(self._step_samples.values()) * world)
 
     def _scale_step(self, params: list, directions: list, owner: list[int], group: dict) -> list:
+        if self.step_length == "muon":
+            return orthogonalized_directions(params, directions, owner, self._layers)
         if not self._grafting:
             return directions
         owner_index, _ = self._owner_index(owner, [p.numel() for p in params], directions[0].device)

@@ -23,8 +23,9 @@ SHARE_BY = ("position", "sample")
 # AdamW on their plain gradient (the first epoch's natural gradient as a warm start; docs/convergence.md).
 SHARED_PHASES = ("coefficients", "adamw")
 # How far a managed layer moves: the trust region's bound on FNGD's own step (the default), or AdamW's update
-# length for that layer, along FNGD's direction (grafting, fngd_hf/graft.py).
-STEP_LENGTHS = ("trust_region", "adamw")
+# length for that layer, along FNGD's direction (grafting, fngd_hf/graft.py), or Muon's orthogonalised step
+# along it (fngd_hf/orthogonal.py).
+STEP_LENGTHS = ("trust_region", "adamw", "muon")
 GRAM_PATHS = (AUTO, "token", "per_sample")
 SOLVE_CHECKS = (AUTO, "per_layer", "per_step")
 # How each micro-batch loss of an accumulated step was divided: by the micro-batches the step really had
@@ -129,13 +130,14 @@ def resolve_trust_ratio(value, damping_mode: str | None = None, name: str = "tru
 
 
 def trust_ratio_for_step_length(value, step_length: str, damping_mode: str, name: str = "trust_ratio") -> float | None:
-    """:func:`resolve_trust_ratio`; with ``step_length="adamw"`` AdamW's length replaces the trust region, so a
-    ratio given there would be silently ignored: only ``"auto"`` or ``None`` is accepted, and it is off."""
+    """:func:`resolve_trust_ratio`; with ``step_length="adamw"`` or ``"muon"`` that step's length replaces the
+    trust region, so a ratio given there would be silently ignored: only ``"auto"`` or ``None`` is accepted, and
+    it is off."""
     one_of("step_length", step_length, STEP_LENGTHS)
-    if step_length == "adamw":
+    if step_length != "trust_region":
         if parse_trust_ratio(value, name) not in (AUTO, None):
-            raise ValueError(f"Invalid {name}: {value!r} with step_length='adamw' (AdamW's update length replaces "
-                             f"the trust region): leave it 'auto' or None")
+            raise ValueError(f"Invalid {name}: {value!r} with step_length={step_length!r} (its own update length "
+                             f"replaces the trust region): leave it 'auto' or None")
         return None
     return resolve_trust_ratio(value, damping_mode, name)
 

@@ -59,6 +59,8 @@ FACTORIES = {
     "ngd": _with_defaults(FNGD, lr=0.1, share_coefficients=False, adamw_lr=ADAMW_LR),
     "fngd_graft": _with_defaults(FNGD, lr=ADAMW_LR, steps_per_epoch=STEPS_PER_EPOCH, adamw_lr=ADAMW_LR,
                                  step_length="adamw"),
+    "fngd_muon": _with_defaults(FNGD, lr=ADAMW_LR, steps_per_epoch=STEPS_PER_EPOCH, adamw_lr=ADAMW_LR,
+                                step_length="muon"),
     "cwngd": _with_defaults(CWNGD, lr=0.1, steps_per_epoch=STEPS_PER_EPOCH, adamw_lr=ADAMW_LR),
     "sngd": _with_defaults(SNGD, lr=0.1, rank=8, update_freq=2, adamw_lr=ADAMW_LR),
     "kfac": _with_defaults(KFAC, lr=0.1, inverse_update_freq=2, adamw_lr=ADAMW_LR),
@@ -70,6 +72,7 @@ AVAILABLE = {
     "shampoo": pytest.mark.skipif(importlib.util.find_spec("pytorch_optimizer") is None,
                                   reason="pip install fngd-hf[shampoo]"),
     "muon": pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9+"),
+    "fngd_muon": pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9+"),
 }
 
 

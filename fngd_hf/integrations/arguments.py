@@ -135,7 +135,8 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         settings.STEP_LENGTHS,
         "How far an FNGD layer moves: trust_region: lr times its natural gradient, bounded by the trust region "
         "(the paper's step with our safeguard); adamw: AdamW's update length for that layer along the natural "
-        "gradient (grafting; learning_rate is then AdamW-scale, e.g. 2e-3).",
+        "gradient (grafting; learning_rate is then AdamW-scale, e.g. 2e-3); muon: Muon's orthogonalised step along "
+        "the natural gradient (learning_rate AdamW-scale).",
     )
 
     def __post_init__(self):

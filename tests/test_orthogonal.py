@@ -1,0 +1,103 @@
+"""``step_length="muon"``: Muon's orthogonalised, RMS-matched step along FNGD's momentum direction.
+
+The reference is torch's own ``torch.optim.Muon`` (momentum 0, no Nesterov, no weight decay, so a parameter moves
+by exactly ``lr·0.2·sqrt(max(A, B))·NS(its gradient)``) fed with the block ``[m_W | m_b]`` of FNGD's direction
+(``opt.direction(p)``) under heavy-ball momentum computed by hand.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from fngd_hf import FNGD, FNGDTrainingArguments
+from fngd_hf.orthogonal import orthogonalized_block
+from tiny_models import make_mlp, mlp_batch
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9+")]
+
+LR, MOMENTUM = 3e-2, 0.9
+
+
+def _layers(model):
+    return [m for m in model if isinstance(m, nn.Linear)]
+
+
+def _torch_muon_step(block: torch.Tensor) -> torch.Tensor:
+    """How far torch.optim.Muon at lr 1 moves a parameter whose gradient is ``block``."""
+    param = torch.zeros_like(block, requires_grad=True)
+    muon = torch.optim.Muon([param], lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0,
+                            adjust_lr_fn="match_rms_adamw")
+    param.grad = block.clone()
+    muon.step()
+    return -param.detach()
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["ngd", "fngd_shared"])
+def test_step_is_torch_muon_on_the_momentum_of_fngd_direction(share):
+    model = make_mlp(dtype=torch.float64)
+    opt = FNGD(model, lr=LR, momentum=MOMENTUM, step_length="muon", share_coefficients=share,
+               steps_per_epoch=2 if share else None)
+    layers = _layers(model)
+    momenta = [None] * len(layers)
+    for seed in range(5):  # steps 3-5 reuse the first epoch's coefficients when sharing
+        x, y = mlp_batch(seed, dtype=torch.float64)
+        nn.functional.cross_entropy(model(x), y).backward()
+        expected = []
+        for i, layer in enumerate(layers):
+            direction = [opt.direction(p).clone() for p in layer.parameters()]
+            momenta[i] = direction if momenta[i] is None else [MOMENTUM * m + d for m, d in zip(momenta[i], direction)]
+            m_weight, m_bias = momenta[i]
+            move = _torch_muon_step(torch.cat([m_weight, m_bias[:, None]], dim=1))
+            expected.append([layer.weight.detach() - LR * move[:, :-1], layer.bias.detach() - LR * move[:, -1]])
+        opt.step()
+        opt.zero_grad()
+        for layer, (weight, bias) in zip(layers, expected):
+            torch.testing.assert_close(layer.weight.detach(), weight, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(layer.bias.detach(), bias, rtol=1e-12, atol=1e-12)
+    assert opt.diagnostics()["fngd/fresh_fraction"] == (2 / 5 if share else 1.0)
+
+
+def test_update_has_equal_singular_values_where_the_direction_is_low_rank():
+    """The point of the variant: a rank-2 direction becomes a step whose non-zero singular values are about
+    equal (Newton-Schulz's ~[0.7, 1.2] band), RMS-matched to AdamW: 0.2·sqrt(max(A, B))·‖NS‖."""
+    g = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(32, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 16, generator=g, dtype=torch.float64)
+    low_rank[:, 0] *= 100.0  # one column dominates: a spread-out spectrum
+    weight, bias = orthogonalized_block(low_rank[:, :-1], low_rank[:, -1], transposed=False)
+    update = torch.cat([weight, bias[:, None]], dim=1)
+    singular = torch.linalg.svdvals(update) / (0.2 * 32**0.5)
+    assert singular[:2].min() > 0.6 and singular[:2].max() < 1.3
+    assert singular[2:].max() < 0.05  # outside its own singular vectors: bf16 rounding only (NS runs in bf16)
+    assert torch.linalg.svdvals(low_rank)[0] / torch.linalg.svdvals(low_rank)[1] > 10  # the input was not flat
+
+
+def test_conv1d_layout_is_the_transpose_of_linear():
+    """A transformers Conv1D stores its weight (in, out): the same block, transposed back."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(12, 7, generator=g)
+    bias = torch.randn(12, generator=g)
+    linear_w, linear_b = orthogonalized_block(weight, bias, transposed=False)
+    conv_w, conv_b = orthogonalized_block(weight.T.contiguous(), bias, transposed=True)
+    torch.testing.assert_close(conv_w, linear_w.T)
+    torch.testing.assert_close(conv_b, linear_b)
+    assert conv_w.shape == (7, 12) and conv_b.shape == (12,)
+
+
+def test_trust_ratio_with_muon_step_is_refused_and_the_argument_validated(tmp_path):
+    with pytest.raises(ValueError, match="trust_ratio.*step_length='muon'"):
+        FNGD(make_mlp(), step_length="muon", trust_ratio=0.5)
+    assert FNGD(make_mlp(), step_length="muon").param_groups[0]["trust_ratio"] is None
+    args = FNGDTrainingArguments(output_dir=str(tmp_path), optimizer="fngd", fngd_step_length="muon", report_to=[])
+    assert args.fngd_step_length == "muon"
+
+
+def test_momentum_buffers_are_not_overwritten_by_the_orthogonalised_step():
+    model = make_mlp(dtype=torch.float64)
+    opt = FNGD(model, lr=LR, momentum=MOMENTUM, step_length="muon", share_coefficients=False)
+    x, y = mlp_batch(0, dtype=torch.float64)
+    nn.functional.cross_entropy(model(x), y).backward()
+    first = [opt.direction(p).clone() for p in _layers(model)[0].parameters()]
+    opt.step()
+    for p, d in zip(_layers(model)[0].parameters(), first):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], d, rtol=0, atol=0)
