@@ -71,9 +71,11 @@ SETTINGS = {
 METHOD_FLAGS = {
     "adamw": ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
     "sgd": [],
-    "fngd": [],
-    "ngd": [],
-    "cwngd": [],
+    # The recipe's schedule, spelled out: runs before the default became Muon's step length had no warmup
+    # (their recorded commands lack these flags; add --warmup_steps 0 to repeat them).
+    "fngd": ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
+    "ngd": ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
+    "cwngd": ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
     # K-FAC's own default damping (1e-3) diverged on a tiny BART; 0.1 is stable (tests/test_kfac.py).
     "kfac": ["--optim_args", "damping=0.1"],
     # SNGD whitens only the input side; it needs a per-layer trust region as FNGD does.
@@ -232,7 +234,7 @@ RESULTS_DESCRIPTION = (
     "One record per convergence run (benchmarks/convergence.py --results). lr: the method's learning rate; "
     "adamw_lr: the rate the AdamW part (embeddings, LayerNorm, output head) of a hybrid method used (null for adamw "
     "and sgd, which have none); variant: VARIANT_FLAGS names joined by +; shipped_default: lr is the recipe's "
-    "default for the method (recipes/learning_rates.py), adamw_lr its default AdamW-part rate, no variant; test2016_bleu_beam4: sacreBLEU on the "
+    "default for the method (recipes/learning_rates.py), adamw_lr its default AdamW-part rate, no variant but those whose flags the defaults now set (muon_step: FNGD's default step length since it won); test2016_bleu_beam4: sacreBLEU on the "
     "1000 test-2016 Flickr sentences, beam 4 (null: not scored); val_loss, val_bleu (greedy), train_seconds: at the "
     "end of each epoch, train_seconds cumulative training wall clock without evaluation; command: the recipe command "
     "from the repo root, OUT standing for the output folder."
@@ -256,43 +258,72 @@ def _words_value(words: list[str], flag: str) -> str | None:
     return values[-1] if values else None
 
 
-def default_adamw_lr(method: str, lr: float) -> float | None:
+def default_adamw_lr(method: str, lr: float, step_length: str | None = None) -> float | None:
     """The AdamW-part rate the trainer uses for ``method`` at ``lr`` when ``--fngd_adamw_lr`` is not given.
 
     Mirrors the trainer: ``FNGDTrainingArguments.fngd_adamw_lr``'s default, ``None`` meaning the optimizer's own
-    (FNGD, NGD and CW-NGD: ``fngd_hf.fngd.DEFAULT_ADAMW_LR``; the other hybrids: ``learning_rate``).
+    (FNGD, NGD and CW-NGD: ``fngd_hf.settings.DEFAULT_RATES`` of their ``step_length``, ``None`` the default one;
+    the other hybrids: ``learning_rate``).
     """
     if method in NO_ADAMW_PART:
         return None
     sys.path.insert(0, str(REPO))
-    from fngd_hf.fngd import DEFAULT_ADAMW_LR
+    from fngd_hf import settings
     from fngd_hf.integrations.arguments import FNGDTrainingArguments
 
     default = FNGDTrainingArguments.__dataclass_fields__["fngd_adamw_lr"].default
     if default is not None:
         return float(default)
-    return DEFAULT_ADAMW_LR if method in ("fngd", "ngd", "cwngd") else float(lr)
+    if method in ("fngd", "ngd", "cwngd"):
+        return settings.default_rates(step_length or settings.DEFAULT_STEP_LENGTH)[1]
+    return float(lr)
 
 
 def used_adamw_lr(record: dict, historical: bool = False) -> float | None:
     """The AdamW-part rate a run used: as the recipe reported it, else the command's ``--fngd_adamw_lr``, else the
-    default (``historical``: learning_rate, as before issue 16; otherwise the trainer's current default)."""
+    default (``historical``: learning_rate, as before issue 16; otherwise the trainer's current default for the
+    command's step length)."""
     if record["method"] in NO_ADAMW_PART:
         return None
     if record.get("adamw_lr_used") is not None:
         return float(record["adamw_lr_used"])
-    given = _words_value(shlex.split(record["command"]), "--fngd_adamw_lr")
+    words = shlex.split(record["command"])
+    given = _words_value(words, "--fngd_adamw_lr")
     if given is not None:
         return float(given)
-    return float(record["lr"]) if historical else default_adamw_lr(record["method"], record["lr"])
+    if historical:
+        return float(record["lr"])
+    return default_adamw_lr(record["method"], record["lr"], _words_value(words, "--fngd_step_length"))
+
+
+def _flag_pairs(flags: list[str]) -> list[tuple[str, str]]:
+    return [(flags[i], flags[i + 1]) for i in range(0, len(flags) - 1, 2)]
+
+
+def redundant_variant(method: str, variant: str) -> bool:
+    """A variant whose every flag the method already runs with: ``METHOD_FLAGS`` or the trainer's default
+    (``muon_step`` since Muon's step length became FNGD's default)."""
+    if variant not in VARIANT_FLAGS or any(not flag.startswith("--") for flag in VARIANT_FLAGS[variant][::2]):
+        return False
+    sys.path.insert(0, str(REPO))
+    from fngd_hf.integrations.arguments import ARG_DEFAULTS
+
+    own = dict(_flag_pairs(METHOD_FLAGS.get(method, [])))
+    for flag, value in _flag_pairs(VARIANT_FLAGS[variant]):
+        name = flag[2:]
+        if own.get(flag) != value and str(ARG_DEFAULTS.get(name, object())) != value:
+            return False
+    return True
 
 
 def is_shipped_default(method: str, lr: float, adamw_lr: float | None, variant: str) -> bool:
-    """No variant, the recipe's default learning rate for the method and the trainer's default AdamW-part rate."""
+    """No variant (or only variants the defaults already set), the recipe's default learning rate for the method
+    and the trainer's default AdamW-part rate."""
     default = DEFAULT_LEARNING_RATES.get(method)
     # A variant that only sets the AdamW-part rate is the default when that rate is the default one.
     variant = "+".join(v for v in variant.split("+") if v and not (v.startswith("adamw_lr") and adamw_lr is not None
-                                                                   and adamw_lr == default_adamw_lr(method, lr)))
+                                                                   and adamw_lr == default_adamw_lr(method, lr))
+                       and not redundant_variant(method, v))
     if variant or default is None or not math.isclose(lr, default, rel_tol=1e-9):
         return False
     expected = default_adamw_lr(method, lr)

@@ -43,10 +43,10 @@ def main() -> None:
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--train-pairs", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--cells", default=",".join(CELLS), help="labels of CELLS, comma separated")
+    parser.add_argument("--cells", default=";".join(CELLS), help="labels of CELLS, separated by ';' (labels hold commas)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    cells = [c.strip() for c in args.cells.split(";") if c.strip()]
     unknown = [c for c in cells if c not in CELLS]
     if unknown:
         parser.error(f"unknown cells {unknown}; choose from {list(CELLS)}")

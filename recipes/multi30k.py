@@ -58,7 +58,7 @@ from fngd_hf.translation.tokenization import SPECIAL_TOKENS, load_tokenizer, tra
 RECIPES = Path(__file__).resolve().parent
 if str(RECIPES) not in sys.path:  # recipes/ is not a package; run as a script, the recipe's folder is on the path
     sys.path.insert(0, str(RECIPES))
-from learning_rates import DEFAULT_LEARNING_RATES  # noqa: E402  (the benchmark's result, the recipe's default)
+from learning_rates import DEFAULT_LEARNING_RATES, default_learning_rate  # noqa: E402  (the benchmark's result, the recipe's default)
 
 logger = logging.getLogger("multi30k")
 
@@ -172,6 +172,7 @@ RECIPE_DEFAULTS = {
     "predict_with_generate": True,
     "generation_num_beams": 1,  # greedy validation during training, as documented; the end uses --beam_size
     "logging_steps": 50,
+    "warmup_steps": 0.05,  # 5 % of the steps: the documented runs of every method but the trust-region FNGD
     "report_to": ["none"],
 }
 REPORT_TO_HINT = "Logging integrations are off (--report_to none); add --report_to tensorboard (pip install tensorboard) for curves."
@@ -189,7 +190,9 @@ TRAINING_OPTIONS = [
 ]
 HELP_OVERRIDES = {
     "learning_rate": "Peak learning rate. Default: the optimizer's own ("
-    + ", ".join(f"{name} {rate:g}" for name, rate in DEFAULT_LEARNING_RATES.items()) + ").",
+    + ", ".join(f"{name} {rate:g}" for name, rate in DEFAULT_LEARNING_RATES.items())
+    + "; fngd, ngd and cwngd with --fngd_step_length trust_region: "
+    + f"{default_learning_rate('fngd', 'trust_region'):g}).",
     "optim": "Not used by this recipe (an error if given): choose the optimizer with --optimizer.",
     "report_to": "Logging integrations (tensorboard, wandb, ...). The recipe's default is none; "
     "--report_to tensorboard needs `pip install tensorboard`.",
@@ -355,7 +358,10 @@ def parse_args(argv: list[str] | None = None):
     if "learning_rate" not in namespace:  # the Trainer's 5e-5 suits none of these methods: the method's own
         if namespace["optimizer"] not in DEFAULT_LEARNING_RATES:
             raise UsageError(f"--optimizer {namespace['optimizer']} has no default learning rate: give --learning_rate")
-        namespace["learning_rate"] = DEFAULT_LEARNING_RATES[namespace["optimizer"]]
+        try:
+            namespace["learning_rate"] = default_learning_rate(namespace["optimizer"], namespace.get("fngd_step_length"))
+        except ValueError as error:  # a config file's fngd_step_length misses argparse's choices
+            raise UsageError(str(error)) from None
     outputs = []
     for dtype in (ModelArguments, DataArguments, RecipeTrainingArguments):
         inputs = {f.name: namespace[f.name] for f in fields(dtype) if f.init and f.name in namespace}
@@ -512,6 +518,12 @@ def optimizer_settings(trainer, training_args) -> dict:
                 f"from the first epoch, reused after (by {optimizer.share_by}, {optimizer.scale_mode} scale)"
                 if share else "recomputed every step (no sharing)"
             )
+        if name in ("fngd", "ngd", "cwngd"):
+            settings["step length"] = {
+                "muon": "muon: Muon's orthogonalised, RMS-matched step along the natural gradient",
+                "trust_region": "trust_region: lr times the natural gradient, within the trust region",
+                "adamw": "adamw: AdamW's update length along the natural gradient (grafting)",
+            }[optimizer.step_length]
         if "trust_ratio" in natural:
             settings["trust ratio"] = natural["trust_ratio"] if natural["trust_ratio"] is not None else "off"
         settings["weight decay"] = f"{natural.get('weight_decay', 0.0):g} (managed layers), {training_args.weight_decay:g} (AdamW part)"

@@ -51,7 +51,7 @@ def run(out: Path, resume: str | None = None, **overrides) -> FNGDTrainer:
     settings = dict(
         output_dir=str(out / "run"), optimizer="fngd", use_cpu=True, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, num_train_epochs=3, learning_rate=1e-2, logging_steps=4,
-        fngd_adamw_lr=1e-2, fngd_trust_ratio=1.0,  # the rates this toy was tuned at (8 samples per step)
+        fngd_adamw_lr=1e-2, fngd_trust_ratio=1.0, fngd_step_length="trust_region",  # the rates this toy was tuned at
         save_strategy="steps", save_steps=2, report_to=[], disable_tqdm=True, seed=0,
     )
     args = FNGDTrainingArguments(**{**settings, **overrides})
@@ -107,6 +107,9 @@ def main() -> None:
     sample_bank = sum(float(s["coef_sample"].double().sum()) for s in sample_opt.state.values() if "coef_sample" in s)
     # Grafting: each rank's plain gradients are averaged before AdamW's moments, as DDP averages .grad.
     grafted = run(out / "graft", fngd_step_length="adamw", fngd_trust_ratio="auto", save_strategy="no")
+    # Muon's step, the default: each rank orthogonalises the same averaged direction.
+    orthogonal = run(out / "muon", fngd_step_length="muon", fngd_trust_ratio="auto", learning_rate=4e-3,
+                     fngd_adamw_lr=4e-3, save_strategy="no")
     checkpoint = out / "accelerate_checkpoint"
     loop_params, _ = accelerate_loop(checkpoint, keep=True, resume=False)
     loop_resumed, loop_warnings = accelerate_loop(checkpoint, keep=True, resume=True)
@@ -129,6 +132,8 @@ def main() -> None:
         "bank_checksum": bank,
         "fresh_fraction": [r.get("fngd/fresh_fraction") for r in full.state.log_history if "loss" in r],
         "by_sample_params": digest(by_sample.model),
+        "muon_params": digest(orthogonal.model),
+        "muon_losses": [r["loss"] for r in orthogonal.state.log_history if "loss" in r],
         "graft_params": digest(grafted.model),
         "graft_losses": [r["loss"] for r in grafted.state.log_history if "loss" in r],
         "by_sample_rows": len(sample_opt._sample_index),

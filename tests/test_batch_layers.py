@@ -63,7 +63,8 @@ def run_steps(kind, batch_layers, steps=7, **options):
     """Relative damping, momentum, trust region; sharing with a 3-step epoch; two micro-batches a step;
     step 4 has a batch of another size (fresh coefficients, not banked)."""
     model = ref.tiny_seq2seq(kind, seed=0)
-    kwargs = dict(lr=1e-3, damping=0.05, steps_per_epoch=3, gradient_accumulation_steps=2, stat_dtype=torch.float64)
+    kwargs = dict(lr=1e-3, damping=0.05, steps_per_epoch=3, gradient_accumulation_steps=2, stat_dtype=torch.float64,
+                  step_length="trust_region")
     kwargs.update(options)
     opt = FNGD(model, batch_layers=batch_layers, **kwargs)
     calls = spy_batches(opt)

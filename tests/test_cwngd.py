@@ -33,6 +33,7 @@ def make_cwngd(kind, model, mode, **overrides):
     kwargs = dict(
         lr=lr_of(kind, mode), damping=damping_of(kind, mode), damping_mode=mode, momentum=0.0, weight_decay=0.0,
         share_coefficients=False, damping_floor=0.0, trust_ratio=None, stat_dtype=torch.float64,
+        step_length="trust_region",  # the paper's step: a layer moves by exactly -lr*d
     )
     kwargs.update(overrides)
     return CWNGD(model, **kwargs)

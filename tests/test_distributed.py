@@ -43,6 +43,8 @@ def test_two_rank_ddp_training(tmp_path):
     # Resuming from a checkpoint in the shared phase restores each rank's own bank: exactly the same run.
     assert ranks[0]["resumed_params"] == ranks[0]["params"] == ranks[1]["resumed_params"]
     # Grafted onto AdamW's length: the plain gradients are averaged over ranks too, so the ranks stay equal.
+    assert ranks[0]["muon_params"] == ranks[1]["muon_params"] != ranks[0]["params"]
+    assert ranks[0]["muon_losses"][-1] < ranks[0]["muon_losses"][0], ranks[0]["muon_losses"]
     assert ranks[0]["graft_params"] == ranks[1]["graft_params"] != ranks[0]["params"]
     assert ranks[0]["graft_losses"][-1] < ranks[0]["graft_losses"][0], ranks[0]["graft_losses"]
     # Sharing by sample: both ranks hold all 32 samples' coefficients (gathered), the same on both.

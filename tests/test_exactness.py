@@ -61,6 +61,7 @@ def make_fngd(kind, model, mode, **overrides):
     kwargs = dict(
         lr=lr_of(kind, mode), damping=damping_of(kind, mode), damping_mode=mode, momentum=0.0, weight_decay=0.0,
         share_coefficients=False, damping_floor=0.0, trust_ratio=None, stat_dtype=torch.float64,
+        step_length="trust_region",  # the paper's step: a layer moves by exactly -lr*d
     )
     kwargs.update(overrides)
     return FNGD(model, **kwargs)
@@ -164,7 +165,7 @@ def test_the_issue_call_without_stat_dtype_is_exact_for_a_float64_model(kind, mo
     model = build()
     reference_model = ref.clone_model(model, build)
     opt = FNGD(model, lr=LR, damping=damping_of(kind, "fixed"), damping_mode="fixed", momentum=0.0,
-               weight_decay=0.0, share_coefficients=False)
+               weight_decay=0.0, share_coefficients=False, step_length="trust_region")
     batch = make_batch(kind, seed=1, batch=16 if is_mlp(kind) else None)
     expected = dense_directions(kind, reference_model, batch, opt, "fixed")
     gram_dtypes = set()

@@ -61,11 +61,20 @@ def test_target_modules_regex_and_errors():
 
 
 # --------------------------------------------------------------------------- AdamW parity
-def test_the_adamw_part_has_its_own_default_rate():
-    """FNGD's AdamW part runs at AdamW's benchmark rate unless told otherwise, not at FNGD's lr (5x that)."""
-    opt = FNGD(make_mlp(), lr=1e-2)
-    assert [g["lr"] for g in opt.param_groups if not g["fngd"]] == [2e-3]
-    assert [g["lr"] for g in FNGD(make_mlp(), lr=1e-2, adamw_lr=5e-4).param_groups if not g["fngd"]] == [5e-4]
+def test_rates_default_to_the_step_lengths_measured_best():
+    """lr and the AdamW part's rate follow the step length (settings.DEFAULT_RATES): Muon's step, the default,
+    at 4e-3 for both; the trust region at 1e-2 with the AdamW part at 2e-3, not at FNGD's lr (5x AdamW's best)."""
+    def rates(opt):
+        return ([g["lr"] for g in opt.param_groups if g["fngd"]][0], [g["lr"] for g in opt.param_groups if not g["fngd"]])
+
+    default = FNGD(make_mlp())
+    assert default.step_length == "muon" and rates(default) == (4e-3, [4e-3])
+    assert rates(FNGD(make_mlp(), step_length="trust_region")) == (1e-2, [2e-3])
+    assert rates(FNGD(make_mlp(), lr=1e-2, step_length="trust_region")) == (1e-2, [2e-3])
+    assert rates(FNGD(make_mlp(), lr=1e-3, adamw_lr=5e-4)) == (1e-3, [5e-4])
+    assert rates(CWNGD(make_mlp())) == (4e-3, [4e-3])
+    with pytest.raises(ValueError, match="step_length"):
+        FNGD(make_mlp(), step_length="orthogonal")
 
 
 @pytest.mark.parametrize("method", [FNGD, CWNGD, KFAC, SNGD])
@@ -420,8 +429,8 @@ def test_layer_with_zero_output_gradient_gets_zero_update():
 def test_trust_region_bounds_each_layer_move(lr, ratio, clipped):
     """‖d‖ > ratio·‖[W|b]‖ moves the layer by exactly lr·ratio·‖[W|b]‖ along d; smaller d are untouched."""
     model, reference = make_mlp(seed=3, dtype=torch.float64), make_mlp(seed=3, dtype=torch.float64)
-    opt = FNGD(model, lr=lr, momentum=0.0, share_coefficients=False, trust_ratio=ratio, stat_dtype=torch.float64)
-    free = FNGD(reference, lr=lr, momentum=0.0, share_coefficients=False, trust_ratio=None, stat_dtype=torch.float64)
+    opt = FNGD(model, lr=lr, momentum=0.0, share_coefficients=False, step_length="trust_region", trust_ratio=ratio, stat_dtype=torch.float64)
+    free = FNGD(reference, lr=lr, momentum=0.0, share_coefficients=False, step_length="trust_region", trust_ratio=None, stat_dtype=torch.float64)
     x, y = mlp_batch(4, dtype=torch.float64)
     before = [torch.cat([m.weight.detach().flatten(), m.bias.detach()]) for m in (model[0], model[3])]
     for net, optimizer in ((model, opt), (reference, free)):
@@ -753,7 +762,7 @@ def test_trust_region_bounds_a_zero_initialised_layer_by_the_others_rms_weight()
     first = torch.cat([model[0].weight.detach().flatten(), model[0].bias.detach()])
     rms = float(first.norm()) / first.numel() ** 0.5
     ratio, lr = 0.05, 0.1
-    opt = FNGD(model, lr=lr, momentum=0.0, share_coefficients=False, trust_ratio=ratio)
+    opt = FNGD(model, lr=lr, momentum=0.0, share_coefficients=False, step_length="trust_region", trust_ratio=ratio)
     x, y = mlp_batch(0)
     nn.functional.cross_entropy(model(x), y).backward()
     unclipped = float(torch.cat([opt.direction(model[3].weight).flatten(), opt.direction(model[3].bias)]).norm())
@@ -786,7 +795,7 @@ def test_auto_trust_ratio_follows_the_square_root_of_the_batch():
     for ratio, batch in (("auto", 5), (1.0, 5), ("auto", 64)):
         model = make_mlp()
         start = torch.cat([model[0].weight.detach().flatten(), model[0].bias.detach()])
-        opt = FNGD(model, lr=0.1, momentum=0.0, share_coefficients=False, trust_ratio=ratio, damping=1e-3)
+        opt = FNGD(model, lr=0.1, momentum=0.0, share_coefficients=False, step_length="trust_region", trust_ratio=ratio, damping=1e-3)
         x, y = mlp_batch(0, batch=batch)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()

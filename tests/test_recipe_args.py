@@ -13,6 +13,7 @@ import pytest
 from multi30k_fixtures import REPO, write_synthetic_corpus
 from recipe_module import load_recipe_module
 
+from fngd_hf import settings
 from fngd_hf.translation.models import resolve_shape
 
 DEFAULT_LEARNING_RATES = load_recipe_module().DEFAULT_LEARNING_RATES  # recipes/learning_rates.py, as the recipe sees it
@@ -27,17 +28,18 @@ def fields_of(obj) -> dict:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
-def documented_command(method: str, lr: float) -> list[str]:
-    """The recipe flags of a run in the README's full-data table, as benchmarks/convergence.py recorded them."""
-    runs = json.loads((REPO / "docs" / "convergence_cpu_full" / "curves.json").read_text())["runs"]
-    command = next(r["command"] for r in runs if r["method"] == method and r["lr"] == lr and not r.get("variant"))
-    return shlex.split(command)[1:]  # without the script path
+def documented_command(method: str) -> list[str]:
+    """The recipe flags of the method's shipped-default run in docs/results/full_multi30k.json (the README's
+    full-data table), as benchmarks/convergence.py recorded them."""
+    runs = json.loads((REPO / "docs" / "results" / "full_multi30k.json").read_text())["runs"]
+    command = next(r["command"] for r in runs if r["method"] == method and r["shipped_default"])
+    return shlex.split(command)[2:]  # without "python recipes/multi30k.py"
 
 
 def test_defaults_reproduce_the_documented_full_data_run(tmp_path):
-    """`multi30k.py --output_dir DIR` trains exactly the README's "FNGD 1e-2 (defaults)" full-data row."""
+    """`multi30k.py --output_dir DIR` trains exactly the README's shipped-default FNGD full-data row."""
     recipe = load_recipe_module()
-    command = documented_command("fngd", 0.01)
+    command = documented_command("fngd")
     if not (REPO / command[command.index("--data_dir") + 1]).is_dir():  # no shared data beside this clone
         command[command.index("--data_dir") + 1] = str(write_synthetic_corpus(tmp_path / "data"))
     documented = recipe.parse_args(command)
@@ -51,13 +53,27 @@ def test_defaults_reproduce_the_documented_full_data_run(tmp_path):
     # Same data: 29,000 pairs is all of Multi30K's training split; the Hub dataset instead of local files.
     assert doc_data["max_train_samples"] == 29000 and data["max_train_samples"] is None
     differ |= {k for k in data if k not in ("max_train_samples", "data_dir") and data[k] != doc_data[k]}
+    for fields_ in (train, doc_train):  # None: FNGD's default for its step length, which the run spelled out
+        fields_["fngd_adamw_lr"] = settings.default_rates(fields_["fngd_step_length"], adamw_lr=fields_["fngd_adamw_lr"])[1]
     differ |= {k for k in train if train[k] != doc_train[k]}
     assert differ <= SCORING_ONLY, differ
     # The settings that matter, spelled out (they are what the issue found wrong before).
     args = default[2]
-    assert (args.per_device_train_batch_size, args.num_train_epochs, args.seed, args.learning_rate) == (64, 4, 0, 1e-2)
+    assert (args.per_device_train_batch_size, args.num_train_epochs, args.seed, args.learning_rate) == (64, 4, 0, 4e-3)
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    assert (args.fngd_step_length, args.fngd_adamw_lr, args.warmup_steps, scheduler) == ("muon", None, 0.05, "linear")
     assert (args.optimizer, args.generation_num_beams, default[1].vocab_size, default[1].max_eval_samples) == ("fngd", 1, 6000, 500)
     assert default[0].beam_size == 4 and default[1].max_predict_samples is None  # full test splits, beam 4
+
+
+def test_the_trust_region_step_gets_its_own_default_rate():
+    """--fngd_step_length trust_region without --learning_rate: the paper step's measured rate, not Muon's."""
+    recipe = load_recipe_module()
+    args = recipe.parse_args(["--output_dir", "out", "--fngd_step_length", "trust_region"])[2]
+    assert (args.fngd_step_length, args.learning_rate) == ("trust_region", 1e-2)
+    paper = recipe.parse_args([str(REPO / "recipes" / "configs" / "fngd_paper.yaml"), "--output_dir", "out"])[2]
+    assert (paper.fngd_step_length, paper.learning_rate, paper.warmup_steps) == ("trust_region", 1e-2, 0)
+    assert recipe.parse_args(["--output_dir", "out", "--optimizer", "muon"])[2].learning_rate == 5e-4
 
 
 def test_report_to_is_plainly_none(monkeypatch):
@@ -88,7 +104,7 @@ def test_help_shows_the_recipe_options_first_with_true_defaults(capsys):
     assert "--optim " not in short and "--optim_target_modules" not in short and "--help-all" in short
     assert "--no_source_check" not in everything  # one spelling per option
     lr_help = " ".join(short[short.index("--learning_rate"):short.index("--fngd_damping ")].split())
-    assert "5e-05" not in lr_help and "fngd 0.01" in lr_help and "adamw 0.0005" in lr_help
+    assert "5e-05" not in lr_help and "fngd 0.004" in lr_help and "trust_region: 0.01" in lr_help and "adamw 0.0005" in lr_help
     # Every default the short help shows is the value the recipe really uses.
     parser = recipe.build_parser()
     values = {}

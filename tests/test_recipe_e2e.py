@@ -120,15 +120,22 @@ def test_recipe_adamw(tmp_path, data_dir):
 @pytest.mark.parametrize(
     ("optimizer", "learning_rate"),
     [("adamw", "5e-3"),
-     ("fngd", "1e-2")],
+     ("fngd", "1e-2"),
+     ("fngd", "muon")],
 )
 def test_recipe_learns_a_toy_language_pair(tmp_path, optimizer, learning_rate):
     """On a word-for-word toy corpus a few epochs give high BLEU, and the shuffled-source check sees
     a model that uses its source (not collapsed)."""
     data_dir = write_synthetic_corpus(tmp_path / "toy", sizes={"train": 600, "val": 32, "test_2016_flickr": 32})
+    # FNGD at the rates this toy was tuned at (1e-2, AdamW part too): "muon", the default step length; 1e-2, the
+    # trust region's step.
+    tuned = ["--learning_rate", "1e-2" if learning_rate == "muon" else learning_rate, "--warmup_steps", "20"]
+    if optimizer == "fngd":
+        tuned += ["--fngd_adamw_lr", "1e-2"]
+    if optimizer == "fngd" and learning_rate == "1e-2":
+        tuned += ["--fngd_step_length", "trust_region", "--fngd_trust_ratio", "1.0"]
     output_dir, _ = run_recipe(tmp_path / "toy_out", data_dir, optimizer, "--num_train_epochs", "8", "--vocab_size", "300",
-                               "--learning_rate", learning_rate, "--warmup_steps", "20", "--max_train_samples", "600",
-                               *(["--fngd_adamw_lr", "1e-2", "--fngd_trust_ratio", "1.0"] if optimizer == "fngd" else []),  # a toy: the rates it was tuned at
+                               "--max_train_samples", "600", *tuned,
                                "--max_generation_length", "40", "--eval_strategy", "no", "--save_strategy", "no")
     results = json.loads((output_dir / "results.json").read_text())
     assert results["validation"]["eval_source_collapsed"] == 0.0
@@ -146,7 +153,8 @@ def test_recipe_fngd(tmp_path, data_dir):
     card = (output_dir / "README.md").read_text(encoding="utf-8")
     assert "Optimizer used: **FNGD" in card and "| class | fngd_hf.fngd.FNGD |" in card
     optimizer_section = card.split("## Optimizer")[1].split("## Training")[0]
-    assert "| damping | 0.1 (relative" in optimizer_section and "| trust ratio | 1 |" in optimizer_section
+    assert "| damping | 0.1 (relative" in optimizer_section and "| trust ratio | off |" in optimizer_section
+    assert "| step length | muon: Muon's orthogonalised" in optimizer_section
     assert "[" not in optimizer_section and "{" not in optimizer_section  # no per-group dumps
     assert len(optimizer_section.splitlines()) < 25
 

@@ -160,7 +160,7 @@ def test_fngd_built_from_arguments(tmp_path):
     args = make_args(
         tmp_path, learning_rate=3e-3, weight_decay=0.01, fngd_damping=0.5, fngd_damping_mode="fixed",
         fngd_momentum=0.5, fngd_adamw_lr=1e-3, fngd_stat_dtype="float64", max_grad_norm=2.0,
-        fngd_trust_ratio="0.02", adam_beta1=0.8, gradient_accumulation_steps=2,
+        fngd_trust_ratio="0.02", adam_beta1=0.8, gradient_accumulation_steps=2, fngd_step_length="trust_region",
     )
     trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32))
     opt = trainer.create_optimizer()
@@ -178,7 +178,7 @@ def test_fngd_built_from_arguments(tmp_path):
     assert not adamw_group["fngd"] and adamw_group["lr"] == 1e-3 and adamw_group["weight_decay"] == 0.01
     assert adamw_group["betas"] == (0.8, 0.999)
     assert opt.share_coefficients and opt.stat_dtype == torch.float64 and opt.clip_update_norm == 2.0
-    assert opt.gradient_accumulation_steps == 2
+    assert opt.gradient_accumulation_steps == 2 and opt.step_length == "trust_region"
     assert trainer.loss_is_scaled_for_ga is False  # each micro-batch mean is divided by GA (see FNGDTrainer)
     names = set(opt.managed_modules)
     assert "model.encoder.layers.0.self_attn.q_proj" in names and "model.decoder.layers.0.fc2" in names
@@ -296,7 +296,8 @@ def accumulation_run(tmp_path, batch, accumulation, steps, dataset, **kwargs):
 @pytest.mark.parametrize(
     "settings",
     [
-        dict(fngd_damping_mode="fixed", fngd_damping=1e-3, learning_rate=1e-2),
+        # The trust region's step -lr*d keeps the exactness; Muon's bfloat16 Newton-Schulz does not (1e-2 apart).
+        dict(fngd_damping_mode="fixed", fngd_damping=1e-3, learning_rate=1e-2, fngd_step_length="trust_region"),
         dict(fngd_damping_mode="relative", fngd_damping=1.0, learning_rate=1e-8, fngd_adamw_lr=1e-3, fngd_momentum=0.0),
     ],
 )
@@ -588,7 +589,8 @@ def test_trainer_builds_every_peer_method(tmp_path, name, optim_args, expected):
     rate = 1e-2 if name == "shampoo" else 0.05
     # The AdamW part at the same rate and the batch-64 trust region: a quick toy, not the defaults' test.
     args = make_args(tmp_path, optimizer=name, optim_args=optim_args, num_train_epochs=3, learning_rate=rate,
-                     fngd_adamw_lr=rate, fngd_trust_ratio=1.0 if name == "cwngd" else "auto")
+                     fngd_adamw_lr=rate, fngd_trust_ratio=1.0 if name == "cwngd" else "auto",
+                     fngd_step_length="trust_region")
     trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32))
     trainer.train()
     assert type(trainer.optimizer.optimizer).__name__ == expected

@@ -127,16 +127,17 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         "dtype of the Gram matrix and the Cholesky solve; auto: float64 for a float64 model, else float32.",
     )
     fngd_adamw_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of the AdamW part (default: FNGD's, 2e-3; the peers: learning_rate)."}
+        default=None, metadata={"help": "Learning rate of the AdamW part (default: FNGD's for its step length, 4e-3 "
+                                        "with muon, 2e-3 with trust_region; the peers: learning_rate)."}
     )
 
     fngd_step_length: str = _choice(
-        "trust_region",
+        settings.DEFAULT_STEP_LENGTH,
         settings.STEP_LENGTHS,
-        "How far an FNGD layer moves: trust_region: lr times its natural gradient, bounded by the trust region "
-        "(the paper's step with our safeguard); adamw: AdamW's update length for that layer along the natural "
-        "gradient (grafting; learning_rate is then AdamW-scale, e.g. 2e-3); muon: Muon's orthogonalised step along "
-        "the natural gradient (learning_rate AdamW-scale).",
+        "How far an FNGD layer moves along its natural gradient: muon (default): Muon's orthogonalised, "
+        "RMS-matched step (learning_rate AdamW-scale, e.g. 4e-3); trust_region: learning_rate times the natural "
+        "gradient, bounded by the trust region (the paper's step with our safeguard, e.g. 1e-2); adamw: AdamW's "
+        "update length for that layer (grafting; did not train on Multi30K).",
     )
 
     def __post_init__(self):
