@@ -68,14 +68,15 @@ SETTINGS = {
 # Method name -> recipe flags besides --optimizer and --learning_rate. Everything else is the
 # recipe's default (max_grad_norm 1.0: the AdamW gradients, and for the layer-wise methods the
 # applied update lr·d, are clipped at global norm 1).
+WARMUP_THEN_LINEAR = ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"]
 METHOD_FLAGS = {
-    "adamw": ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
+    "adamw": WARMUP_THEN_LINEAR,
     "sgd": [],
     # The recipe's schedule, spelled out: runs before the default became Muon's step length had no warmup
     # (their recorded commands lack these flags; add --warmup_steps 0 to repeat them).
-    "fngd": ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
-    "ngd": ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
-    "cwngd": ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
+    "fngd": WARMUP_THEN_LINEAR,
+    "ngd": WARMUP_THEN_LINEAR,
+    "cwngd": WARMUP_THEN_LINEAR,
     # K-FAC's own default damping (1e-3) diverged on a tiny BART; 0.1 is stable (tests/test_kfac.py).
     "kfac": ["--optim_args", "damping=0.1"],
     # SNGD whitens only the input side; it needs a per-layer trust region as FNGD does.
@@ -83,7 +84,7 @@ METHOD_FLAGS = {
     "shampoo": [],
     # torch.optim.Muon on FNGD's layers' weights, AdamW on the rest (fngd_hf.muon.MuonHybrid); its learning rate is
     # AdamW-scale (adjust_lr_fn="match_rms_adamw"), so it gets AdamW's schedule.
-    "muon": ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
+    "muon": WARMUP_THEN_LINEAR,
 }
 # Methods with no separate AdamW part (their one optimizer covers every parameter).
 NO_ADAMW_PART = ("adamw", "sgd")

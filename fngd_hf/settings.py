@@ -31,13 +31,6 @@ DEFAULT_STEP_LENGTH = "muon"
 # test BLEU 35.8 at 4e-3/4e-3 against the trust region's 32.5 at 1e-2/2e-3 (its AdamW part at 1e-2 lost 2.3 BLEU);
 # adamw (grafting) did not train at 2e-3 or 4e-3, so its rate is only AdamW's usual one.
 DEFAULT_RATES = {"muon": (4e-3, 4e-3), "trust_region": (1e-2, 2e-3), "adamw": (2e-3, 2e-3)}
-
-
-def default_rates(step_length: str, lr: float | None = None, adamw_lr: float | None = None,
-                  name: str = "step_length") -> tuple[float, float]:
-    """``(lr, adamw_lr)``: each given one as it is, each missing one the step length's default (``DEFAULT_RATES``)."""
-    default_lr, default_adamw_lr = DEFAULT_RATES[one_of(name, step_length, STEP_LENGTHS)]
-    return (default_lr if lr is None else lr), (default_adamw_lr if adamw_lr is None else adamw_lr)
 GRAM_PATHS = (AUTO, "token", "per_sample")
 SOLVE_CHECKS = (AUTO, "per_layer", "per_step")
 # How each micro-batch loss of an accumulated step was divided: by the micro-batches the step really had
@@ -101,6 +94,13 @@ def one_of(name: str, value, choices: Iterable):
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (expected {_alternatives(choices)})")
     return value
+
+
+def default_rates(step_length: str, lr: float | None = None, adamw_lr: float | None = None,
+                  name: str = "step_length") -> tuple[float, float]:
+    """``(lr, adamw_lr)``: each given one as it is, each missing one the step length's default (``DEFAULT_RATES``)."""
+    default_lr, default_adamw_lr = DEFAULT_RATES[one_of(name, step_length, STEP_LENGTHS)]
+    return (default_lr if lr is None else lr), (default_adamw_lr if adamw_lr is None else adamw_lr)
 
 
 def betas(name: str, value, *, finite: bool = False) -> tuple[float, float]:

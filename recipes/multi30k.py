@@ -518,7 +518,6 @@ def optimizer_settings(trainer, training_args) -> dict:
                 f"from the first epoch, reused after (by {optimizer.share_by}, {optimizer.scale_mode} scale)"
                 if share else "recomputed every step (no sharing)"
             )
-        if name in ("fngd", "ngd", "cwngd"):
             settings["step length"] = {
                 "muon": "muon: Muon's orthogonalised, RMS-matched step along the natural gradient",
                 "trust_region": "trust_region: lr times the natural gradient, within the trust region",

@@ -42,9 +42,10 @@ def test_two_rank_ddp_training(tmp_path):
     assert ranks[0]["fresh_fraction"][-1] == 0.0  # the third epoch reuses the coefficients
     # Resuming from a checkpoint in the shared phase restores each rank's own bank: exactly the same run.
     assert ranks[0]["resumed_params"] == ranks[0]["params"] == ranks[1]["resumed_params"]
-    # Grafted onto AdamW's length: the plain gradients are averaged over ranks too, so the ranks stay equal.
+    # Muon's step length (the default): every rank orthogonalises the same averaged direction.
     assert ranks[0]["muon_params"] == ranks[1]["muon_params"] != ranks[0]["params"]
     assert ranks[0]["muon_losses"][-1] < ranks[0]["muon_losses"][0], ranks[0]["muon_losses"]
+    # Grafted onto AdamW's length: the plain gradients are averaged over ranks too, so the ranks stay equal.
     assert ranks[0]["graft_params"] == ranks[1]["graft_params"] != ranks[0]["params"]
     assert ranks[0]["graft_losses"][-1] < ranks[0]["graft_losses"][0], ranks[0]["graft_losses"]
     # Sharing by sample: both ranks hold all 32 samples' coefficients (gathered), the same on both.
