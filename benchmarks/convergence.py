@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO / "recipes" / "configs" / "fngd_paper.yaml"
 sys.path.insert(0, str(REPO / "recipes"))  # recipes/ is not a package
-from learning_rates import DEFAULT_LEARNING_RATES  # noqa: E402  (the recipe's default learning rate per method)
+from learning_rates import DEFAULT_LEARNING_RATES, FNGD_FAMILY  # noqa: E402  (the recipe's default learning rate per method)
 
 
 def config_flags(path: Path) -> list[str]:
@@ -115,6 +115,11 @@ VARIANT_FLAGS = {
     # Muon's orthogonalised step along FNGD's direction (fngd_hf/orthogonal.py); lr AdamW-scale, Muon's schedule.
     "muon_step": ["--fngd_step_length", "muon", "--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
     "adamw_lr2e-3": ["--fngd_adamw_lr", "2e-3"],  # the AdamW part (embeddings, LayerNorm) at AdamW's best lr
+    # Momentum, the one input besides the direction where FNGD's Muon step and Muon differ (0.9 heavy ball vs
+    # 0.95 Nesterov): FNGD with Muon's 0.95, FNGD with Nesterov 0.95, and Muon with FNGD's 0.9 heavy ball.
+    "momentum0.95": ["--fngd_momentum", "0.95"],
+    "nesterov0.95": ["--fngd_momentum", "0.95", "--fngd_nesterov", "True"],
+    "heavy0.9": ["--optim_args", "momentum=0.9,nesterov=False"],
 }
 
 
@@ -277,7 +282,7 @@ def default_adamw_lr(method: str, lr: float, step_length: str | None = None) -> 
     default = FNGDTrainingArguments.__dataclass_fields__["fngd_adamw_lr"].default
     if default is not None:
         return float(default)
-    if method in ("fngd", "ngd", "cwngd"):
+    if method in FNGD_FAMILY:
         return settings.default_rates(step_length or settings.DEFAULT_STEP_LENGTH)[1]
     return float(lr)
 

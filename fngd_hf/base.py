@@ -57,6 +57,7 @@ class LayerwiseOptimizer(TaggedDirections, LayerwiseState, torch.optim.Optimizer
                     fngd=True,
                     lr=lr,
                     momentum=settings.momentum,
+                    nesterov=settings.nesterov,
                     weight_decay=settings.weight_decay,
                     trust_ratio=settings.trust_ratio,
                     **group_options,
@@ -368,7 +369,10 @@ class LayerwiseOptimizer(TaggedDirections, LayerwiseState, torch.optim.Optimizer
             if old_buffers:
                 torch._foreach_mul_(old_buffers, momentum)
                 torch._foreach_add_(old_buffers, old_directions)
-            directions = buffers
+            # Nesterov (torch.optim.SGD's form): d + momentum·buffer, a look-ahead along the buffer. Groups saved
+            # before the key existed load without it: heavy ball, as they ran.
+            directions = (torch._foreach_add(directions, buffers, alpha=momentum) if group.get("nesterov", False)
+                          else buffers)
         directions = self._scale_step(params, directions, owner, group)
         if self.clip_update_norm is not None:
             # Clip the applied update lr·(momentum buffer) to a global norm; the buffer itself is kept.

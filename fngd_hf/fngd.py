@@ -60,7 +60,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
     micro-batch's samples (``opt.set_sample_ids(ids)`` before its backward; ``FNGDTrainer``
     passes content hashes) and no epoch length.
 
-    Keyword-only extras: ``adamw_no_decay`` (names, as in ``model.named_parameters()``, of
+    Keyword-only extras: ``nesterov`` (Nesterov momentum in torch.optim.SGD's form, ``d + momentum·buffer``,
+    instead of heavy ball), ``adamw_no_decay`` (names, as in ``model.named_parameters()``, of
     parameters the AdamW part does not weight-decay; ``FNGDTrainer`` passes the stock Trainer's
     choice: biases and LayerNorm), ``gradient_accumulation_steps`` (micro-batches per step, sets the
     per-sample gradient scale), ``damping_floor`` (relative mode: ``λ >= damping_floor``),
@@ -119,6 +120,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         *,
+        nesterov: bool = False,
         adamw_no_decay: Iterable[str] | None = None,
         gradient_accumulation_steps: int = 1,
         damping_floor: float = 0.0,

@@ -95,7 +95,7 @@ class KFAC(LayerwiseOptimizer):
             opt.step()
             opt.zero_grad()
 
-    Arguments shared with FNGD: ``lr``, ``momentum``, ``weight_decay`` (decoupled, managed
+    Arguments shared with FNGD: ``lr``, ``momentum``, ``nesterov``, ``weight_decay`` (decoupled, managed
     layers), ``target_modules``, the ``adamw_*`` settings of the AdamW part,
     ``gradient_accumulation_steps`` (kept for interface parity: K-FAC uses the number of
     backward passes each step really saw), ``trust_ratio`` and ``clip_update_norm``.
@@ -126,6 +126,7 @@ class KFAC(LayerwiseOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         *,
+        nesterov: bool = False,
         adamw_no_decay: Iterable[str] | None = None,
         stat_decay: float = 0.95,
         factor_update_freq: int = 1,

@@ -81,6 +81,14 @@ def fraction(name: str, value, *, finite: bool = False):
     return value
 
 
+def nesterov_momentum(nesterov, momentum, name: str = "nesterov") -> None:
+    """``nesterov`` a bool, and only with a momentum (as torch.optim.SGD: Nesterov without momentum is no step)."""
+    if not isinstance(nesterov, bool):
+        raise ValueError(f"Invalid {name}: {nesterov!r} (True or False)")
+    if nesterov and momentum == 0.0:
+        raise ValueError(f"{name}=True needs a momentum > 0 (got momentum {momentum!r})")
+
+
 def positive_int(name: str, value, *, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
@@ -187,6 +195,7 @@ class LayerwiseSettings:
 
     lr: float
     momentum: float
+    nesterov: bool
     weight_decay: float
     target_modules: Iterable[str] | None
     adamw_lr: float | None
@@ -201,6 +210,7 @@ class LayerwiseSettings:
     def __post_init__(self):
         positive("learning rate", self.lr)
         fraction("momentum", self.momentum)
+        nesterov_momentum(self.nesterov, self.momentum)
         non_negative("weight_decay", self.weight_decay)
         self.adamw_lr, self.adamw_betas = adamw_part(
             self.lr, self.adamw_lr, self.adamw_betas, self.adamw_eps, self.adamw_weight_decay

@@ -77,7 +77,7 @@ class SNGD(LayerwiseOptimizer):
     FNGD, each micro-batch backpropagates its mean loss divided by the number of micro-batches, so
     the directions, linear in ``ḡ``, sum to the accumulated batch's; the count only serves the
     correction when fewer micro-batches arrive than declared), ``trust_ratio``
-    (per-layer trust region ``‖d‖ <= trust_ratio·‖[W|b]‖``), ``clip_update_norm`` (global clip of
+    (per-layer trust region ``‖d‖ <= trust_ratio·‖[W|b]‖``), ``nesterov`` (as FNGD's), ``clip_update_norm`` (global clip of
     the applied update ``lr·(momentum buffer)``).
     """
 
@@ -107,6 +107,7 @@ class SNGD(LayerwiseOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         *,
+        nesterov: bool = False,
         adamw_no_decay: Iterable[str] | None = None,
         rank: int | None = 128,
         update_freq: int = 10,

@@ -14,8 +14,7 @@ recipes/ on ``sys.path``.
 """
 
 from fngd_hf import settings
-
-FNGD_FAMILY = ("fngd", "ngd", "cwngd")
+from fngd_hf.integrations.arguments import FNGD_FAMILY
 _FNGD_DEFAULT = settings.DEFAULT_RATES[settings.DEFAULT_STEP_LENGTH][0]
 
 DEFAULT_LEARNING_RATES = {

@@ -58,7 +58,7 @@ from fngd_hf.translation.tokenization import SPECIAL_TOKENS, load_tokenizer, tra
 RECIPES = Path(__file__).resolve().parent
 if str(RECIPES) not in sys.path:  # recipes/ is not a package; run as a script, the recipe's folder is on the path
     sys.path.insert(0, str(RECIPES))
-from learning_rates import DEFAULT_LEARNING_RATES, default_learning_rate  # noqa: E402  (the benchmark's result, the recipe's default)
+from learning_rates import DEFAULT_LEARNING_RATES, FNGD_FAMILY, default_learning_rate  # noqa: E402  (the benchmark's result, the recipe's default)
 
 logger = logging.getLogger("multi30k")
 
@@ -511,8 +511,8 @@ def optimizer_settings(trainer, training_args) -> dict:
             mode = natural.get("damping_mode", "")
             settings["damping"] = f"{natural['damping']:g} ({mode}{': λ = damping·‖K‖_F' if mode == 'relative' else ''})"
         if "momentum" in natural:
-            settings["momentum"] = natural["momentum"]
-        if name in ("fngd", "ngd", "cwngd"):
+            settings["momentum"] = f"{natural['momentum']:g}" + (" (Nesterov)" if natural.get("nesterov") else "")
+        if name in FNGD_FAMILY:
             share = getattr(optimizer, "share_coefficients", False)
             settings["coefficients"] = (
                 f"from the first epoch, reused after (by {optimizer.share_by}, {optimizer.scale_mode} scale)"
@@ -534,7 +534,7 @@ def optimizer_settings(trainer, training_args) -> dict:
         settings["update clip (max_grad_norm)"] = (
             f"{clip:g}: the applied update of the managed layers, and the AdamW part's gradients" if clip else "off"
         )
-        if name in ("fngd", "ngd", "cwngd"):
+        if name in FNGD_FAMILY:
             settings["statistics dtype"] = training_args.fngd_stat_dtype
     else:
         first = plain[0] if plain else {}

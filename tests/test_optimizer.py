@@ -22,6 +22,8 @@ from tiny_models import make_mlp, mlp_batch, spy_batches, tiny_bart, train_steps
         (dict(damping=-1e-3), "damping"),
         (dict(damping_mode="adaptive"), "damping_mode"),
         (dict(momentum=1.0), "momentum"),
+        (dict(nesterov=True, momentum=0.0), "nesterov=True needs a momentum"),
+        (dict(nesterov="yes"), "Invalid nesterov"),
         (dict(steps_per_epoch=0), "steps_per_epoch"),
         (dict(scale_mode="both"), "scale_mode"),
     ],
@@ -349,6 +351,32 @@ def test_backward_with_create_graph_gives_the_same_step():
 
 
 # ------------------------------------------------------------------------------ state dict
+@pytest.mark.parametrize("method", [FNGD, SNGD])
+def test_nesterov_moves_along_direction_plus_momentum_times_buffer(method):
+    """torch.optim.SGD's Nesterov on each method's direction: p -= lr·(d + μ·buf), buf = μ·buf + d, where
+    ``opt.direction(p)`` is the direction the step would take without momentum (trust region off). K-FAC
+    preconditions inside step(), so its direction is not observable here; it runs the same momentum code."""
+    lr, mu = 0.05, 0.7
+    kwargs = dict(step_length="trust_region", share_coefficients=False) if method is FNGD else {}
+    model = make_mlp(dtype=torch.float64)
+    opt = method(model, lr=lr, momentum=mu, nesterov=True, trust_ratio=None, **kwargs)
+    managed = [p for g in opt.param_groups if g["fngd"] for p in g["params"]]
+    buffers = {}
+    for seed in range(3):
+        x, y = mlp_batch(seed, dtype=torch.float64)
+        nn.functional.cross_entropy(model(x), y).backward()
+        expected = {}
+        for p in managed:
+            d = opt.direction(p).clone()
+            buffers[p] = d if p not in buffers else mu * buffers[p] + d
+            expected[p] = p.detach() - lr * (d + mu * buffers[p])
+        opt.step()
+        opt.zero_grad()
+        for p in managed:
+            torch.testing.assert_close(p.detach(), expected[p], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], buffers[p], rtol=1e-12, atol=1e-12)
+
+
 def test_state_dict_resume_equals_uninterrupted():
     kwargs = dict(lr=0.02, steps_per_epoch=3, momentum=0.9, weight_decay=0.01)
     ref = make_mlp()

@@ -33,11 +33,12 @@ def _torch_muon_step(block: torch.Tensor) -> torch.Tensor:
     return -param.detach()
 
 
+@pytest.mark.parametrize("nesterov", [False, True], ids=["heavy_ball", "nesterov"])
 @pytest.mark.parametrize("share", [False, True], ids=["ngd", "fngd_shared"])
-def test_step_is_torch_muon_on_the_momentum_of_fngd_direction(share):
+def test_step_is_torch_muon_on_the_momentum_of_fngd_direction(share, nesterov):
     model = make_mlp(dtype=torch.float64)
     opt = FNGD(model, lr=LR, momentum=MOMENTUM, step_length="muon", share_coefficients=share,
-               steps_per_epoch=2 if share else None)
+               steps_per_epoch=2 if share else None, nesterov=nesterov)
     layers = _layers(model)
     momenta = [None] * len(layers)
     for seed in range(5):  # steps 3-5 reuse the first epoch's coefficients when sharing
@@ -47,7 +48,8 @@ def test_step_is_torch_muon_on_the_momentum_of_fngd_direction(share):
         for i, layer in enumerate(layers):
             direction = [opt.direction(p).clone() for p in layer.parameters()]
             momenta[i] = direction if momenta[i] is None else [MOMENTUM * m + d for m, d in zip(momenta[i], direction)]
-            m_weight, m_bias = momenta[i]
+            # Nesterov (torch.optim.SGD's form): the step follows d + momentum·buffer, the buffer itself unchanged
+            m_weight, m_bias = [d + MOMENTUM * m for d, m in zip(direction, momenta[i])] if nesterov else momenta[i]
             move = _torch_muon_step(torch.cat([m_weight, m_bias[:, None]], dim=1))
             expected.append([layer.weight.detach() - LR * move[:, :-1], layer.bias.detach() - LR * move[:, -1]])
         opt.step()

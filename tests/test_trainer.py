@@ -91,14 +91,14 @@ def test_arguments_parse_from_the_command_line(tmp_path):
             "--output_dir", str(tmp_path), "--optimizer", "ngd", "--fngd_damping", "0.1",
             "--fngd_damping_mode", "fixed", "--fngd_trust_ratio", "none", "--fngd_target_modules", "q_proj",
             "fc1", "--fngd_stat_dtype", "float64", "--fngd_adamw_lr", "1e-3", "--fngd_share_coefficients", "false",
-            "--fngd_scale_mode", "refreshed", "--fngd_batch_layers", "true", "--use_cpu",
+            "--fngd_scale_mode", "refreshed", "--fngd_batch_layers", "true", "--fngd_nesterov", "true", "--use_cpu",
         ]
     )
     assert args.optimizer == "ngd" and args.fngd_damping == 0.1 and args.fngd_damping_mode == "fixed"
     assert args.fngd_trust_ratio is None and args.fngd_target_modules == ["q_proj", "fc1"]
     assert args.fngd_dtype == torch.float64 and args.fngd_adamw_lr == 1e-3
     assert args.fngd_share_coefficients is False and args.fngd_scale_mode == "refreshed"
-    assert args.fngd_batch_layers == "true"
+    assert args.fngd_batch_layers == "true" and args.fngd_nesterov is True
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--fngd_trust_ratio", "0.05"])
     assert args.fngd_trust_ratio == 0.05 and args.optimizer == "fngd"
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
@@ -113,6 +113,7 @@ def test_arguments_parse_from_the_command_line(tmp_path):
         (dict(fngd_damping_mode="adaptive"), "fngd_damping_mode"),
         (dict(fngd_damping_floor=-1.0), "fngd_damping_floor"),
         (dict(fngd_momentum=1.0), "fngd_momentum"),
+        (dict(fngd_nesterov=True, fngd_momentum=0.0), "fngd_nesterov=True needs a momentum"),
         (dict(fngd_scale_mode="both"), "fngd_scale_mode"),
         (dict(fngd_trust_ratio=0.0), "fngd_trust_ratio"),
         (dict(fngd_trust_ratio="big"), "fngd_trust_ratio"),
@@ -159,7 +160,7 @@ def test_grad_scaler_with_fngd_is_a_clear_error():
 def test_fngd_built_from_arguments(tmp_path):
     args = make_args(
         tmp_path, learning_rate=3e-3, weight_decay=0.01, fngd_damping=0.5, fngd_damping_mode="fixed",
-        fngd_momentum=0.5, fngd_adamw_lr=1e-3, fngd_stat_dtype="float64", max_grad_norm=2.0,
+        fngd_momentum=0.5, fngd_nesterov=True, fngd_adamw_lr=1e-3, fngd_stat_dtype="float64", max_grad_norm=2.0,
         fngd_trust_ratio="0.02", adam_beta1=0.8, gradient_accumulation_steps=2, fngd_step_length="trust_region",
     )
     trainer = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32))
@@ -173,7 +174,7 @@ def test_fngd_built_from_arguments(tmp_path):
     assert "model.encoder.layernorm_embedding.weight" in names and "model.shared.weight" not in names
     assert exempt_group["weight_decay"] == 0.0 and not exempt_group["fngd"] and exempt_group["lr"] == 1e-3
     assert fngd_group["fngd"] and fngd_group["lr"] == 3e-3 and fngd_group["damping"] == 0.5
-    assert fngd_group["damping_mode"] == "fixed" and fngd_group["momentum"] == 0.5
+    assert fngd_group["damping_mode"] == "fixed" and fngd_group["momentum"] == 0.5 and fngd_group["nesterov"] is True
     assert fngd_group["trust_ratio"] == 0.02 and fngd_group["weight_decay"] == 0.0
     assert not adamw_group["fngd"] and adamw_group["lr"] == 1e-3 and adamw_group["weight_decay"] == 0.01
     assert adamw_group["betas"] == (0.8, 0.999)
@@ -330,6 +331,7 @@ def test_accumulation_matches_one_batch_only_under_large_damping(tmp_path):
             final = accumulation_run(
                 tmp_path / f"{damping}-{batch}", batch, accumulation, 1, dataset, fngd_damping_mode="fixed",
                 fngd_damping=damping, learning_rate=lr, fngd_momentum=0.0,
+                fngd_step_length="trust_region",  # the directions themselves: Muon's step orthogonalises in bf16
             )
             deltas[damping, batch] = moved(fngd_layers(final), start)
     assert relative_difference(deltas[1e3, 4], deltas[1e3, 8]) < 1e-4

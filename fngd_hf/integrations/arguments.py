@@ -16,6 +16,8 @@ from .. import settings
 OPTIMIZERS = ("fngd", "ngd", "cwngd", "kfac", "sngd", "shampoo", "muon", "adamw", "sgd")
 # Methods built on LayerwiseOptimizer: the trainer scales their loss and clips their update.
 LAYERWISE = ("fngd", "ngd", "cwngd", "kfac", "sngd")
+# FNGD's direction (shared coefficients, fresh ones, column-wise): the fngd_* step-length settings apply.
+FNGD_FAMILY = ("fngd", "ngd", "cwngd")
 
 FP16_MESSAGE = (
     "FNGD does not support fp16 with a GradScaler: the scaler multiplies the loss before backward, and FNGD's "
@@ -75,6 +77,9 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         default=0.0, metadata={"help": "Relative damping only: lambda >= damping_floor."}
     )
     fngd_momentum: float = field(default=0.9, metadata={"help": "Heavy-ball momentum on the FNGD direction."})
+    fngd_nesterov: bool = field(
+        default=False, metadata={"help": "Nesterov momentum (d + momentum*buffer, torch.optim.SGD's form) instead of heavy ball."}
+    )
     fngd_weight_decay: float = field(
         default=0.0, metadata={"help": "Decoupled weight decay of the FNGD-managed layers (weight and bias)."}
     )
@@ -153,6 +158,7 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         settings.one_of("fngd_damping_mode", self.fngd_damping_mode, settings.DAMPING_MODES)
         settings.non_negative("fngd_damping_floor", self.fngd_damping_floor)
         settings.fraction("fngd_momentum", self.fngd_momentum)
+        settings.nesterov_momentum(self.fngd_nesterov, self.fngd_momentum, "fngd_nesterov")
         settings.non_negative("fngd_weight_decay", self.fngd_weight_decay)
         settings.one_of("fngd_share_by", self.fngd_share_by, settings.SHARE_BY)
         settings.one_of("fngd_scale_mode", self.fngd_scale_mode, settings.SCALE_MODES)

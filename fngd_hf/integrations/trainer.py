@@ -33,7 +33,7 @@ from ..directions import direction_tag
 from ..fngd import FNGD
 from ..kfac import KFAC
 from ..sample_sharing import sample_keys
-from .arguments import ARG_DEFAULTS, FP16_MESSAGE, LAYERWISE, parse_optim_args
+from .arguments import ARG_DEFAULTS, FNGD_FAMILY, FP16_MESSAGE, LAYERWISE, parse_optim_args
 from .checkpointing import restore_on_load, save_rank_state
 
 SGD_MOMENTUM = 0.9
@@ -144,7 +144,7 @@ class FNGDTrainer(Seq2SeqTrainer):
         if self.optimizer is None:
             name = self._arg("optimizer")
             opt_model = self.model if model is None else model
-            if name in ("fngd", "ngd", "cwngd"):
+            if name in FNGD_FAMILY:
                 self.optimizer = self._build_fngd(opt_model, share=name != "ngd", cls=CWNGD if name == "cwngd" else FNGD)
             elif name in ("kfac", "sngd", "shampoo", "muon"):
                 self.optimizer = self._build_peer(opt_model, name)
@@ -177,6 +177,7 @@ class FNGDTrainer(Seq2SeqTrainer):
         args = self.args
         return dict(
             self._shared_kwargs(model),
+            nesterov=self._arg("fngd_nesterov"),
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             clip_update_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
         )
