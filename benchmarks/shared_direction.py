@@ -13,7 +13,11 @@ directions on the same weights and batch (same dropout mask):
   shared phase with uniform coefficients.
 
 If the shared direction carries no curvature of the new batch, ``cos(used, plain)`` rises towards 1 in
-the shared epochs while ``cos(used, fresh)`` falls. Means over layers and steps, per epoch.
+the shared epochs while ``cos(used, fresh)`` falls. The ``*_orthogonalised`` cosines compare the same three
+after Muon's Newton-Schulz orthogonalisation of each layer's ``[W|b]`` block (what ``step_length="muon"``
+applies, before momentum): how much of the natural gradient's difference from the plain gradient survives
+Muon's step. Means over layers and steps, per epoch. The trajectory follows ``--step-length`` (default: the
+library's) at ``--lr`` (default: that step length's default rate).
 """
 
 from __future__ import annotations
@@ -30,12 +34,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stability_trial import batches, build_model, read_pairs, train_tokenizer  # noqa: E402
 
-from fngd_hf import FNGD  # noqa: E402
+from fngd_hf import FNGD, settings  # noqa: E402
+from fngd_hf.orthogonal import orthogonalized_block  # noqa: E402
 
 
 def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     a, b = torch.cat([t.flatten() for t in a]).double(), torch.cat([t.flatten() for t in b]).double()
     return float(a @ b / (a.norm() * b.norm()).clamp(min=1e-300))
+
+
+def orthogonalised(directions: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A Linear layer's ``[weight, bias]`` directions as Muon's step orthogonalises them."""
+    weight, bias = directions if len(directions) == 2 else (directions[0], None)
+    return [t for t in orthogonalized_block(weight.float(), None if bias is None else bias.float(), False) if t is not None]
 
 
 def backward(model, batch, seed: int) -> None:
@@ -49,7 +60,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-pairs", type=int, default=3200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--step-length", choices=settings.STEP_LENGTHS, default=settings.DEFAULT_STEP_LENGTH)
+    parser.add_argument("--lr", type=float, default=None, help="default: the step length's default rate")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -57,16 +69,18 @@ def main(argv=None) -> dict:
     tokenizer = train_tokenizer(pairs, 2000)
     model = build_model(tokenizer.get_vocab_size(), seed=0).train()
     steps_per_epoch = len(pairs) // args.batch_size
-    opt = FNGD(model, lr=args.lr, steps_per_epoch=steps_per_epoch)
+    opt = FNGD(model, lr=args.lr, steps_per_epoch=steps_per_epoch, step_length=args.step_length)
+    args.lr = opt.param_groups[0]["lr"]
     fresh_model = copy.deepcopy(model)  # a copy is uncaptured; this one gets an FNGD without sharing
-    fresh_opt = FNGD(fresh_model, lr=args.lr, share_coefficients=False)
+    fresh_opt = FNGD(fresh_model, lr=args.lr, share_coefficients=False, step_length=args.step_length)
     plain_model = copy.deepcopy(model)
     layers = list(opt.managed_modules)
     generator = torch.Generator().manual_seed(1)
     epochs = []
     step = 0
     for epoch in range(args.epochs):
-        per_step = {"used_plain": [], "fresh_plain": [], "used_fresh": []}
+        per_step = {key + suffix: [] for suffix in ("", "_orthogonalised")
+                    for key in ("used_plain", "fresh_plain", "used_fresh")}
         for batch in batches(pairs, tokenizer, args.batch_size, generator):
             for other in (fresh_model, plain_model):
                 other.load_state_dict(model.state_dict())
@@ -83,6 +97,10 @@ def main(argv=None) -> dict:
                 per_step["used_plain"].append(cosine(used, plain))
                 per_step["fresh_plain"].append(cosine(fresh, plain))
                 per_step["used_fresh"].append(cosine(used, fresh))
+                used, fresh, plain = orthogonalised(used), orthogonalised(fresh), orthogonalised(plain)
+                per_step["used_plain_orthogonalised"].append(cosine(used, plain))
+                per_step["fresh_plain_orthogonalised"].append(cosine(fresh, plain))
+                per_step["used_fresh_orthogonalised"].append(cosine(used, fresh))
             opt.step()
             opt.zero_grad()
             step += 1
@@ -90,10 +108,12 @@ def main(argv=None) -> dict:
                **{f"cos_{key}": statistics.fmean(values) for key, values in per_step.items()}}
         epochs.append(row)
         print(f"epoch {row['epoch']} ({row['phase']:>6}): cos(used, plain) {row['cos_used_plain']:.3f}  "
-              f"cos(fresh, plain) {row['cos_fresh_plain']:.3f}  cos(used, fresh) {row['cos_used_fresh']:.3f}", flush=True)
+              f"cos(fresh, plain) {row['cos_fresh_plain']:.3f}  cos(used, fresh) {row['cos_used_fresh']:.3f}; "
+              f"orthogonalised: {row['cos_used_plain_orthogonalised']:.3f} {row['cos_fresh_plain_orthogonalised']:.3f} "
+              f"{row['cos_used_fresh_orthogonalised']:.3f}", flush=True)
     result = {"command": "python benchmarks/shared_direction.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "setting": {"train_pairs": len(pairs), "batch_size": args.batch_size, "steps_per_epoch": steps_per_epoch,
-                          "lr": args.lr, "model": "Marian d_model 64, 2+2 layers (benchmarks/stability_trial.py)",
+                          "lr": args.lr, "step_length": args.step_length, "model": "Marian d_model 64, 2+2 layers (benchmarks/stability_trial.py)",
                           "managed_layers": len(layers)},
               "epochs": epochs}
     if args.out:

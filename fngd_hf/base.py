@@ -330,6 +330,7 @@ class LayerwiseOptimizer(TaggedDirections, LayerwiseState, torch.optim.Optimizer
             return
         if self._rescale is not None:
             directions = torch._foreach_mul(directions, self._rescale.to(directions[0].dtype))
+        directions = self._before_momentum(params, directions, owner)
         if ratio is not None:
             # Trust region: ‖d‖ <= ratio·‖[W|b]‖ per layer (weight and bias together), so a step moves a
             # layer by at most lr·ratio of its norm before momentum; lr and its schedule still apply.
@@ -380,6 +381,11 @@ class LayerwiseOptimizer(TaggedDirections, LayerwiseState, torch.optim.Optimizer
             factor = torch.clamp(self.clip_update_norm / step_norm.clamp(min=1e-30), max=1.0)
             directions = torch._foreach_mul(directions, factor.to(directions[0].dtype))
         torch._foreach_add_(params, directions, alpha=-lr)
+
+    def _before_momentum(self, params: list, directions: list, owner: list[int]) -> list:
+        """The step's directions before trust region and momentum, as a subclass decides (FNGD's
+        ``normalize_directions``); as they are."""
+        return directions
 
     def _scale_step(self, params: list, directions: list, owner: list[int], group: dict) -> list:
         """The step's directions after momentum, rescaled as a subclass decides (FNGD's grafting); as they are."""

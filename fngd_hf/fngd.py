@@ -22,7 +22,7 @@ from .base import LayerwiseOptimizer
 from .batched import BatchedFirstEpoch, _DeferredLayer
 from .capture import CapturedLayer
 from .graft import AdamWStepLength
-from .orthogonal import orthogonalized_directions
+from .orthogonal import orthogonalized_directions, unit_layer_directions
 from .runtime import _distributed
 from .sample_sharing import SampleIndex
 
@@ -95,7 +95,10 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
     ``step_length`` (how far a managed layer moves: ``"muon"``, the default: Muon's orthogonalised,
     RMS-matched step along FNGD's direction, ``lr`` AdamW-scale, :mod:`fngd_hf.orthogonal`; ``"trust_region"``,
     ``lr·d`` bounded by the trust region; ``"adamw"``, grafting: AdamW's update length for that layer along
-    FNGD's direction, ``lr`` AdamW-scale, one more weight-gradient matmul per layer; :mod:`fngd_hf.graft`), ``launch_bound``
+    FNGD's direction, ``lr`` AdamW-scale, one more weight-gradient matmul per layer; :mod:`fngd_hf.graft`),
+    ``normalize_directions`` (Muon's step only: each layer's direction scaled to unit norm before momentum, so
+    momentum averages directions rather than being held for tens of steps by the few whose norm is orders of
+    magnitude larger; :func:`fngd_hf.orthogonal.unit_layer_directions`), ``launch_bound``
     (``"auto"``: a step on a CUDA tensor is bound by kernel launches, elsewhere by arithmetic; ``True``/``False``
     forces the choices each implies, e.g. to time the GPU path on a CPU), ``drop_padding`` (leave tokens whose
     output gradient is zero, i.e. padding, out of the Gram and the weighted gradient: the same numbers for
@@ -135,6 +138,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         loss_divided_by: str = "micro_batches",
         shared_phase: str = "coefficients",
         step_length: str = settings.DEFAULT_STEP_LENGTH,
+        normalize_directions: bool = False,
         launch_bound: bool | str = "auto",
         drop_padding: bool = True,
     ):
@@ -155,6 +159,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         settings.share_by_with_phase(share_by, shared_phase)
         settings.one_of("loss_divided_by", loss_divided_by, settings.LOSS_DIVISORS)
         settings.one_of("launch_bound", launch_bound, settings.LAUNCH_BOUND)
+        settings.normalize_directions_with_step_length(normalize_directions, step_length)
         settings.one_of("drop_padding", drop_padding, (True, False))
         self.steps_per_epoch = steps_per_epoch  # validates before any layer is captured
         group_options = dict(damping=damping, damping_mode=damping_mode, damping_floor=damping_floor)
@@ -169,6 +174,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         self.loss_divided_by = loss_divided_by
         self.shared_phase = shared_phase
         self.step_length = step_length
+        self.normalize_directions = normalize_directions
         self.launch_bound = launch_bound
         self.drop_padding = drop_padding
         self._init_graft()
@@ -360,6 +366,12 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         world = torch.distributed.get_world_size() if _distributed() else 1
         return settings.auto_trust_scale(sum(self._step_samples.values()) * world)
 
+    def _before_momentum(self, params: list, directions: list, owner: list[int]) -> list:
+        if not self.normalize_directions:
+            return directions
+        owner_index, _ = self._owner_index(owner, [p.numel() for p in params], directions[0].device)
+        return unit_layer_directions(directions, owner_index, len(self._layers))
+
     def _scale_step(self, params: list, directions: list, owner: list[int], group: dict) -> list:
         if self.step_length == "muon":
             return orthogonalized_directions(params, directions, owner, self._layers)
@@ -417,6 +429,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
             "share_by": self.share_by,
             "shared_phase": self.shared_phase,
             "step_length": self.step_length,
+            "normalize_directions": self.normalize_directions,
             "solve_check_fell_back": self._solve_check_fell_back,
             "sample_ids": self._sample_index.to_tensor(),
             "incomplete_layers": sorted(self._incomplete_layers),
@@ -425,7 +438,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
     def _load_extra_state(self, extra: dict) -> None:
         for key, current in (("share_coefficients", self.share_coefficients), ("share_by", self.share_by),
                              ("scale_mode", self.scale_mode), ("shared_phase", self.shared_phase),
-                             ("step_length", self.step_length)):
+                             ("step_length", self.step_length),
+                             ("normalize_directions", self.normalize_directions)):
             if key in extra and extra[key] != current:
                 warnings.warn(
                     f"the checkpoint was written with {key}={extra[key]!r}, this optimizer has {current!r}: "

@@ -46,6 +46,21 @@ def orthogonalized_block(weight_direction: torch.Tensor, bias_direction: torch.T
     return new_weight, new_bias
 
 
+def unit_layer_directions(directions: list, owner_index: torch.Tensor, layers: int) -> list:
+    """Each managed layer's directions divided by the Frobenius norm of its ``[d_W | d_b]`` block (an all-zero
+    layer stays zero); ``owner_index[i]``: the layer of ``directions[i]``, a device tensor. New tensors.
+
+    Why (``normalize_directions=True``): with relative damping a direction's norm carries no step size (Muon's
+    step discards it) yet swings by orders of magnitude, most at each shared epoch's first steps, whose
+    coefficients were solved at initialisation; summed into the momentum buffer unnormalised, those few
+    directions outweigh the rest for tens of steps. Normalised, momentum averages directions, as Muon's does."""
+    norms = torch.stack(torch._foreach_norm(directions)).float()
+    layer_norms = norms.new_zeros(layers).index_add_(0, owner_index, norms.square()).sqrt_()
+    inverse = torch.where(layer_norms > 0, 1.0 / layer_norms.clamp(min=1e-30), torch.zeros_like(layer_norms))
+    factors = inverse[owner_index].unbind(0)
+    return torch._foreach_mul(directions, [f.to(d.dtype) for f, d in zip(factors, directions)])
+
+
 def orthogonalized_directions(params: list, directions: list, owner: list[int], layers: list) -> list:
     """Every managed layer's directions (weight, and bias if it has one) replaced by :func:`orthogonalized_block`
     of them; ``owner[i]``: the index in ``layers`` of ``params[i]``'s layer. New tensors: the momentum buffers

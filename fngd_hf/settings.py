@@ -89,6 +89,16 @@ def nesterov_momentum(nesterov, momentum, name: str = "nesterov") -> None:
         raise ValueError(f"{name}=True needs a momentum > 0 (got momentum {momentum!r})")
 
 
+def normalize_directions_with_step_length(normalize_directions, step_length: str) -> None:
+    """Unit-norm directions before momentum only where the step length discards their norm (Muon's step)."""
+    one_of("normalize_directions", normalize_directions, (True, False))
+    if normalize_directions and step_length != "muon":
+        raise ValueError(
+            f"normalize_directions=True needs step_length='muon' (got {step_length!r}): the other step lengths "
+            f"use the direction's norm, which normalising would throw away"
+        )
+
+
 def positive_int(name: str, value, *, optional: bool = False) -> int | None:
     if value is None and optional:
         return None

@@ -523,6 +523,8 @@ def optimizer_settings(trainer, training_args) -> dict:
                 "trust_region": "trust_region: lr times the natural gradient, within the trust region",
                 "adamw": "adamw: AdamW's update length along the natural gradient (grafting)",
             }[optimizer.step_length]
+            if getattr(optimizer, "normalize_directions", False):
+                settings["step length"] += "; directions normalised per layer before momentum"
         if "trust_ratio" in natural:
             settings["trust ratio"] = natural["trust_ratio"] if natural["trust_ratio"] is not None else "off"
         settings["weight decay"] = f"{natural.get('weight_decay', 0.0):g} (managed layers), {training_args.weight_decay:g} (AdamW part)"

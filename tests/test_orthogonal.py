@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fngd_hf import FNGD, FNGDTrainingArguments
-from fngd_hf.orthogonal import orthogonalized_block
+from fngd_hf.orthogonal import orthogonalized_block, unit_layer_directions
 from tiny_models import make_mlp, mlp_batch
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -33,12 +33,13 @@ def _torch_muon_step(block: torch.Tensor) -> torch.Tensor:
     return -param.detach()
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "unit"])
 @pytest.mark.parametrize("nesterov", [False, True], ids=["heavy_ball", "nesterov"])
 @pytest.mark.parametrize("share", [False, True], ids=["ngd", "fngd_shared"])
-def test_step_is_torch_muon_on_the_momentum_of_fngd_direction(share, nesterov):
+def test_step_is_torch_muon_on_the_momentum_of_fngd_direction(share, nesterov, normalize):
     model = make_mlp(dtype=torch.float64)
     opt = FNGD(model, lr=LR, momentum=MOMENTUM, step_length="muon", share_coefficients=share,
-               steps_per_epoch=2 if share else None, nesterov=nesterov)
+               steps_per_epoch=2 if share else None, nesterov=nesterov, normalize_directions=normalize)
     layers = _layers(model)
     momenta = [None] * len(layers)
     for seed in range(5):  # steps 3-5 reuse the first epoch's coefficients when sharing
@@ -47,6 +48,9 @@ def test_step_is_torch_muon_on_the_momentum_of_fngd_direction(share, nesterov):
         expected = []
         for i, layer in enumerate(layers):
             direction = [opt.direction(p).clone() for p in layer.parameters()]
+            if normalize:  # unit Frobenius norm of the layer's [d_W | d_b] block, before momentum
+                block_norm = torch.cat([d.flatten() for d in direction]).norm()
+                direction = [d / block_norm for d in direction]
             momenta[i] = direction if momenta[i] is None else [MOMENTUM * m + d for m, d in zip(momenta[i], direction)]
             # Nesterov (torch.optim.SGD's form): the step follows d + momentum·buffer, the buffer itself unchanged
             m_weight, m_bias = [d + MOMENTUM * m for d, m in zip(direction, momenta[i])] if nesterov else momenta[i]
@@ -92,6 +96,36 @@ def test_trust_ratio_with_muon_step_is_refused_and_the_argument_validated(tmp_pa
     assert FNGD(make_mlp(), step_length="muon").param_groups[0]["trust_ratio"] is None
     args = FNGDTrainingArguments(output_dir=str(tmp_path), optimizer="fngd", fngd_step_length="muon", report_to=[])
     assert args.fngd_step_length == "muon"
+
+
+def test_unit_directions_keep_the_momentum_from_being_held_by_one_huge_direction():
+    """One direction 1e6 times the others (a shared epoch's first steps) dominates a raw momentum buffer for
+    many steps; normalised, the buffer turns to the new direction as fast as Muon's momentum would."""
+    owner = torch.tensor([0, 0, 1])
+    huge = [torch.full((3, 2), 1e6), torch.full((3,), 1e6), torch.ones(4)]
+    unit = unit_layer_directions(huge, owner, 2)
+    layer0 = torch.cat([unit[0].flatten(), unit[1]]).norm()
+    torch.testing.assert_close(layer0, torch.tensor(1.0))
+    torch.testing.assert_close(unit[2].norm(), torch.tensor(1.0))
+    assert torch.equal(unit_layer_directions([torch.zeros(2)], torch.tensor([0]), 1)[0], torch.zeros(2))  # no NaN
+    # After 10 steps along a new unit direction, the normalised buffer points mostly along it; the raw does not.
+    old, new = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    raw, normed = 1e6 * old, old.clone()
+    for _ in range(10):
+        raw, normed = MOMENTUM * raw + 30.0 * new, MOMENTUM * normed + new
+    assert normed[1] > normed[0] and raw[0] > 100 * raw[1]
+
+
+def test_normalize_directions_needs_muons_step(tmp_path):
+    with pytest.raises(ValueError, match="normalize_directions=True needs step_length='muon'"):
+        FNGD(make_mlp(), step_length="trust_region", normalize_directions=True)
+    with pytest.raises(ValueError, match="normalize_directions"):
+        FNGD(make_mlp(), normalize_directions="yes")
+    with pytest.raises(ValueError, match="normalize_directions=True needs"):
+        FNGDTrainingArguments(output_dir=str(tmp_path), fngd_step_length="trust_region",
+                              fngd_normalize_directions=True, report_to=[])
+    args = FNGDTrainingArguments(output_dir=str(tmp_path), fngd_normalize_directions=True, report_to=[])
+    assert args.fngd_normalize_directions is True
 
 
 def test_momentum_buffers_are_not_overwritten_by_the_orthogonalised_step():

@@ -186,6 +186,13 @@ def test_fngd_built_from_arguments(tmp_path):
     assert "lm_head" not in names
 
 
+def test_default_step_length_and_its_momentum_settings_reach_fngd(tmp_path):
+    args = make_args(tmp_path, fngd_normalize_directions=True, fngd_nesterov=True)
+    opt = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32)).create_optimizer()
+    assert opt.step_length == "muon" and opt.normalize_directions is True
+    assert opt.param_groups[0]["nesterov"] is True and opt.param_groups[0]["trust_ratio"] is None
+
+
 def test_ngd_sgd_and_adamw_choices(tmp_path):
     ngd = FNGDTrainer(model=tiny_bart(), args=make_args(tmp_path, optimizer="ngd", max_grad_norm=0.0))
     opt = ngd.create_optimizer()

@@ -144,6 +144,11 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         "gradient, bounded by the trust region (the paper's step with our safeguard, e.g. 1e-2); adamw: AdamW's "
         "update length for that layer (grafting; did not train on Multi30K).",
     )
+    fngd_normalize_directions: bool = field(
+        default=False,
+        metadata={"help": "With fngd_step_length muon: each layer's direction scaled to unit norm before momentum, "
+                          "so momentum averages directions, not their (widely swinging) sizes."},
+    )
 
     def __post_init__(self):
         self._validate_fngd()
@@ -164,6 +169,7 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         settings.one_of("fngd_scale_mode", self.fngd_scale_mode, settings.SCALE_MODES)
         settings.one_of("fngd_shared_phase", self.fngd_shared_phase, settings.SHARED_PHASES)
         settings.one_of("fngd_step_length", self.fngd_step_length, settings.STEP_LENGTHS)
+        settings.normalize_directions_with_step_length(self.fngd_normalize_directions, self.fngd_step_length)
         settings.one_of("fngd_batch_layers", self.fngd_batch_layers, settings.BATCH_LAYERS_NAMES)
         # From the command line it arrives as text; "auto" is resolved when FNGD is built (it follows damping_mode).
         self.fngd_trust_ratio = settings.parse_trust_ratio(self.fngd_trust_ratio, "fngd_trust_ratio")

@@ -217,6 +217,7 @@ class FNGDTrainer(Seq2SeqTrainer):
             scale_mode=self._arg("fngd_scale_mode"),
             shared_phase=self._arg("fngd_shared_phase"),
             step_length=self._arg("fngd_step_length"),
+            normalize_directions=self._arg("fngd_normalize_directions"),
             share_by=self._arg("fngd_share_by"),
             batch_layers=settings.BATCH_LAYERS_NAMES[self._arg("fngd_batch_layers")],
             stat_dtype=settings.STAT_DTYPE_NAMES[self._arg("fngd_stat_dtype")],
