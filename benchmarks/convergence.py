@@ -104,6 +104,7 @@ VARIANT_FLAGS = {
     "damping0.1": ["--fngd_damping", "0.1"],
     "damping0.03": ["--fngd_damping", "0.03"],
     "damping1": ["--fngd_damping", "1.0"],
+    "damping10": ["--fngd_damping", "10"],  # with Muon's step: towards the plain gradient, i.e. Muon (damping -> inf)
     "by_sample": ["--fngd_share_by", "sample"],  # each sample keeps its first-epoch coefficient
     # Uniform coefficients: with damping 1e6·‖K‖ every β_n is the same, d ∝ the plain gradient, so this is SGD
     # with FNGD's trust region, momentum and AdamW part (the shared phase's "no curvature" limit). Confounded with
