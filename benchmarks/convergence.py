@@ -69,14 +69,17 @@ SETTINGS = {
 # recipe's default (max_grad_norm 1.0: the AdamW gradients, and for the layer-wise methods the
 # applied update lr·d, are clipped at global norm 1).
 WARMUP_THEN_LINEAR = ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"]
+# What the FNGD family's defaults set that runs recorded before them did not (their commands lack it, and they
+# ran without): spelled out in every command, a run counts as the shipped default only if its command has it.
+FNGD_DEFAULTS_SINCE_RECORDED = ["--fngd_normalize_directions", "True"]
 METHOD_FLAGS = {
     "adamw": WARMUP_THEN_LINEAR,
     "sgd": [],
     # The recipe's schedule, spelled out: runs before the default became Muon's step length had no warmup
     # (their recorded commands lack these flags; add --warmup_steps 0 to repeat them).
-    "fngd": WARMUP_THEN_LINEAR,
-    "ngd": WARMUP_THEN_LINEAR,
-    "cwngd": WARMUP_THEN_LINEAR,
+    "fngd": WARMUP_THEN_LINEAR + FNGD_DEFAULTS_SINCE_RECORDED,
+    "ngd": WARMUP_THEN_LINEAR + FNGD_DEFAULTS_SINCE_RECORDED,
+    "cwngd": WARMUP_THEN_LINEAR + FNGD_DEFAULTS_SINCE_RECORDED,
     # K-FAC's own default damping (1e-3) diverged on a tiny BART; 0.1 is stable (tests/test_kfac.py).
     "kfac": ["--optim_args", "damping=0.1"],
     # SNGD whitens only the input side; it needs a per-layer trust region as FNGD does.
@@ -112,7 +115,7 @@ VARIANT_FLAGS = {
     # (5.2 BLEU on full Multi30K measured that); Muon is the fair uniform control.
     "uniform": ["--fngd_damping", "1e6"],
     # FNGD's direction with AdamW's per-layer update length (grafting); lr is AdamW-scale, with AdamW's warmup.
-    "graft": ["--fngd_step_length", "adamw", "--warmup_steps", "0.05"],
+    "graft": ["--fngd_step_length", "adamw", "--warmup_steps", "0.05", "--fngd_normalize_directions", "False"],
     # Muon's orthogonalised step along FNGD's direction (fngd_hf/orthogonal.py); lr AdamW-scale, Muon's schedule.
     "muon_step": ["--fngd_step_length", "muon", "--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
     "adamw_lr2e-3": ["--fngd_adamw_lr", "2e-3"],  # the AdamW part (embeddings, LayerNorm) at AdamW's best lr
@@ -122,8 +125,10 @@ VARIANT_FLAGS = {
     "nesterov0.95": ["--fngd_momentum", "0.95", "--fngd_nesterov", "True"],
     "nesterov0.9": ["--fngd_nesterov", "True"],
     "momentum0.8": ["--fngd_momentum", "0.8"],
-    # Momentum over unit-norm layer directions (Muon's step discards their norm, which swings by 1e6 per epoch).
+    # Momentum over unit-norm layer directions (Muon's step discards their norm, which swings by 1e6 per epoch);
+    # the default since it won; "raw" is the momentum of the raw directions, the default before.
     "unit": ["--fngd_normalize_directions", "True"],
+    "raw": ["--fngd_normalize_directions", "False"],
     "heavy0.9": ["--optim_args", "momentum=0.9,nesterov=False"],
 }
 
@@ -329,9 +334,14 @@ def redundant_variant(method: str, variant: str) -> bool:
     return True
 
 
-def is_shipped_default(method: str, lr: float, adamw_lr: float | None, variant: str) -> bool:
+def is_shipped_default(method: str, lr: float, adamw_lr: float | None, variant: str, command: str | None = None) -> bool:
     """No variant (or only variants the defaults already set), the recipe's default learning rate for the method
-    and the trainer's default AdamW-part rate."""
+    and the trainer's default AdamW-part rate; with ``command``, an FNGD-family run must also have run with
+    ``FNGD_DEFAULTS_SINCE_RECORDED`` (runs recorded before those defaults did not)."""
+    if command is not None and method in FNGD_FAMILY:
+        words = shlex.split(command)
+        if any(_words_value(words, flag) != value for flag, value in _flag_pairs(FNGD_DEFAULTS_SINCE_RECORDED)):
+            return False
     default = DEFAULT_LEARNING_RATES.get(method)
     # A variant that only sets the AdamW-part rate is the default when that rate is the default one.
     variant = "+".join(v for v in variant.split("+") if v and not (v.startswith("adamw_lr") and adamw_lr is not None
@@ -388,7 +398,7 @@ def results_record(record: dict, historical: bool = False) -> dict:
     variant = record.get("variant") or ""
     return {
         "method": record["method"], "lr": lr, "adamw_lr": adamw_lr, "variant": variant, "seed": int(seed),
-        "shipped_default": is_shipped_default(record["method"], lr, adamw_lr, variant),
+        "shipped_default": is_shipped_default(record["method"], lr, adamw_lr, variant, record["command"]),
         "test2016_bleu_beam4": beam4_bleu(record),
         "val_loss": [_finite(e["val_loss"]) for e in epochs],
         "val_bleu": [_finite(e.get("val_bleu")) for e in epochs],

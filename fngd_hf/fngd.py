@@ -96,9 +96,10 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
     RMS-matched step along FNGD's direction, ``lr`` AdamW-scale, :mod:`fngd_hf.orthogonal`; ``"trust_region"``,
     ``lr·d`` bounded by the trust region; ``"adamw"``, grafting: AdamW's update length for that layer along
     FNGD's direction, ``lr`` AdamW-scale, one more weight-gradient matmul per layer; :mod:`fngd_hf.graft`),
-    ``normalize_directions`` (Muon's step only: each layer's direction scaled to unit norm before momentum, so
-    momentum averages directions rather than being held for tens of steps by the few whose norm is orders of
-    magnitude larger; :func:`fngd_hf.orthogonal.unit_layer_directions`), ``launch_bound``
+    ``normalize_directions`` (Muon's step only, where ``None``, the default, turns it on: each layer's direction
+    scaled to unit norm before momentum, so momentum averages directions rather than being held for tens of
+    steps by the few whose norm is orders of magnitude larger; :func:`fngd_hf.orthogonal.unit_layer_directions`;
+    ``False`` is the momentum of the raw directions, as before), ``launch_bound``
     (``"auto"``: a step on a CUDA tensor is bound by kernel launches, elsewhere by arithmetic; ``True``/``False``
     forces the choices each implies, e.g. to time the GPU path on a CPU), ``drop_padding`` (leave tokens whose
     output gradient is zero, i.e. padding, out of the Gram and the weighted gradient: the same numbers for
@@ -138,7 +139,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         loss_divided_by: str = "micro_batches",
         shared_phase: str = "coefficients",
         step_length: str = settings.DEFAULT_STEP_LENGTH,
-        normalize_directions: bool = False,
+        normalize_directions: bool | None = None,
         launch_bound: bool | str = "auto",
         drop_padding: bool = True,
     ):
@@ -159,7 +160,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         settings.share_by_with_phase(share_by, shared_phase)
         settings.one_of("loss_divided_by", loss_divided_by, settings.LOSS_DIVISORS)
         settings.one_of("launch_bound", launch_bound, settings.LAUNCH_BOUND)
-        settings.normalize_directions_with_step_length(normalize_directions, step_length)
+        normalize_directions = settings.resolve_normalize_directions(normalize_directions, step_length)
         settings.one_of("drop_padding", drop_padding, (True, False))
         self.steps_per_epoch = steps_per_epoch  # validates before any layer is captured
         group_options = dict(damping=damping, damping_mode=damping_mode, damping_floor=damping_floor)

@@ -89,14 +89,16 @@ def nesterov_momentum(nesterov, momentum, name: str = "nesterov") -> None:
         raise ValueError(f"{name}=True needs a momentum > 0 (got momentum {momentum!r})")
 
 
-def normalize_directions_with_step_length(normalize_directions, step_length: str) -> None:
-    """Unit-norm directions before momentum only where the step length discards their norm (Muon's step)."""
-    one_of("normalize_directions", normalize_directions, (True, False))
-    if normalize_directions and step_length != "muon":
-        raise ValueError(
-            f"normalize_directions=True needs step_length='muon' (got {step_length!r}): the other step lengths "
-            f"use the direction's norm, which normalising would throw away"
-        )
+def resolve_normalize_directions(value, step_length: str, name: str = "normalize_directions") -> bool:
+    """``None`` (the default): on with Muon's step, which discards the direction's norm, off otherwise; ``True``
+    only with Muon's step (the other step lengths use the norm, which normalising would throw away)."""
+    one_of(name, value, (None, True, False))
+    if value is None:
+        return step_length == "muon"
+    if value and step_length != "muon":
+        raise ValueError(f"{name}=True needs step_length='muon' (got {step_length!r}): the other step lengths use "
+                         f"the direction's norm, which normalising would throw away")
+    return bool(value)
 
 
 def positive_int(name: str, value, *, optional: bool = False) -> int | None:

@@ -78,7 +78,7 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
     )
     fngd_momentum: float = field(default=0.9, metadata={"help": "Heavy-ball momentum on the FNGD direction."})
     fngd_nesterov: bool = field(
-        default=False, metadata={"help": "Nesterov momentum (d + momentum*buffer, torch.optim.SGD's form) instead of heavy ball."}
+        default=False, metadata={"help": "Nesterov momentum (torch.optim.SGD's form) instead of heavy ball."}
     )
     fngd_weight_decay: float = field(
         default=0.0, metadata={"help": "Decoupled weight decay of the FNGD-managed layers (weight and bias)."}
@@ -144,10 +144,9 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         "gradient, bounded by the trust region (the paper's step with our safeguard, e.g. 1e-2); adamw: AdamW's "
         "update length for that layer (grafting; did not train on Multi30K).",
     )
-    fngd_normalize_directions: bool = field(
-        default=False,
-        metadata={"help": "With fngd_step_length muon: each layer's direction scaled to unit norm before momentum, "
-                          "so momentum averages directions, not their (widely swinging) sizes."},
+    fngd_normalize_directions: bool | None = field(
+        default=None,
+        metadata={"help": "Unit-norm layer directions before momentum (Muon's step only). None: on with muon."},
     )
 
     def __post_init__(self):
@@ -169,7 +168,8 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         settings.one_of("fngd_scale_mode", self.fngd_scale_mode, settings.SCALE_MODES)
         settings.one_of("fngd_shared_phase", self.fngd_shared_phase, settings.SHARED_PHASES)
         settings.one_of("fngd_step_length", self.fngd_step_length, settings.STEP_LENGTHS)
-        settings.normalize_directions_with_step_length(self.fngd_normalize_directions, self.fngd_step_length)
+        settings.resolve_normalize_directions(self.fngd_normalize_directions, self.fngd_step_length,
+                                              "fngd_normalize_directions")
         settings.one_of("fngd_batch_layers", self.fngd_batch_layers, settings.BATCH_LAYERS_NAMES)
         # From the command line it arrives as text; "auto" is resolved when FNGD is built (it follows damping_mode).
         self.fngd_trust_ratio = settings.parse_trust_ratio(self.fngd_trust_ratio, "fngd_trust_ratio")
