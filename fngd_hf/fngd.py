@@ -437,6 +437,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         }
 
     def _load_extra_state(self, extra: dict) -> None:
+        if "step_length" in extra and "normalize_directions" not in extra:
+            extra = {**extra, "normalize_directions": False}  # written before the setting existed: raw momentum
         for key, current in (("share_coefficients", self.share_coefficients), ("share_by", self.share_by),
                              ("scale_mode", self.scale_mode), ("shared_phase", self.shared_phase),
                              ("step_length", self.step_length),

@@ -635,6 +635,19 @@ def test_loading_a_state_with_other_sharing_settings_warns():
         other.load_state_dict(opt.state_dict())
 
 
+def test_a_checkpoint_from_before_normalize_directions_warns_that_it_ran_raw_momentum():
+    model = make_mlp()
+    opt = FNGD(model, steps_per_epoch=2, normalize_directions=False)
+    train_steps(model, opt, seeds=[0])
+    old = opt.state_dict()
+    del old["layerwise"]["normalize_directions"]  # as written before the setting existed
+    with pytest.warns(RuntimeWarning, match="normalize_directions=False, this optimizer has True"):
+        FNGD(make_mlp(), steps_per_epoch=2).load_state_dict(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FNGD(make_mlp(), steps_per_epoch=2, normalize_directions=False).load_state_dict(opt.state_dict())
+
+
 def test_deferred_solve_matches_checked_solve():
     g = torch.Generator().manual_seed(4)
     factors = torch.randn(5, 6, 3, generator=g, dtype=torch.float64)

@@ -55,6 +55,8 @@ def test_defaults_reproduce_the_documented_full_data_run(tmp_path):
     differ |= {k for k in data if k not in ("max_train_samples", "data_dir") and data[k] != doc_data[k]}
     for fields_ in (train, doc_train):  # None: FNGD's default for its step length, which the run spelled out
         fields_["fngd_adamw_lr"] = settings.default_rates(fields_["fngd_step_length"], adamw_lr=fields_["fngd_adamw_lr"])[1]
+        fields_["fngd_normalize_directions"] = settings.resolve_normalize_directions(
+            fields_["fngd_normalize_directions"], fields_["fngd_step_length"])
     differ |= {k for k in train if train[k] != doc_train[k]}
     assert differ <= SCORING_ONLY, differ
     # The settings that matter, spelled out (they are what the issue found wrong before).
