@@ -120,11 +120,9 @@ VARIANT_FLAGS = {
     "muon_step": ["--fngd_step_length", "muon", "--warmup_steps", "0.05", "--lr_scheduler_type", "linear"],
     "adamw_lr2e-3": ["--fngd_adamw_lr", "2e-3"],  # the AdamW part (embeddings, LayerNorm) at AdamW's best lr
     # Momentum, the one input besides the direction where FNGD's Muon step and Muon differ (0.9 heavy ball vs
-    # 0.95 Nesterov): FNGD with Muon's 0.95, with Nesterov, with less momentum; Muon with FNGD's 0.9 heavy ball.
+    # 0.95 Nesterov): FNGD with Muon's 0.95 and with Nesterov; Muon with FNGD's 0.9 heavy ball.
     "momentum0.95": ["--fngd_momentum", "0.95"],
-    "nesterov0.95": ["--fngd_momentum", "0.95", "--fngd_nesterov", "True"],
     "nesterov0.9": ["--fngd_nesterov", "True"],
-    "momentum0.8": ["--fngd_momentum", "0.8"],
     # Momentum over unit-norm layer directions (Muon's step discards their norm, which swings by 1e6 per epoch);
     # the default since it won; "raw" is the momentum of the raw directions, the default before.
     "unit": ["--fngd_normalize_directions", "True"],
