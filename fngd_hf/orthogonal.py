@@ -11,7 +11,9 @@ gradient chooses the singular *vectors*, Muon's geometry the step along them. Wh
 stable rank (a weighted sum of a batch's per-sample gradients), so grafting AdamW's Frobenius length onto it
 (``step_length="adamw"``) put that whole length on a few singular directions and did not train
 (docs/convergence.md). Compared with the Muon baseline (:mod:`fngd_hf.muon`) only the input differs: FNGD's
-natural gradient under FNGD's heavy-ball momentum instead of the plain gradient under Nesterov momentum.
+natural gradient under FNGD's heavy-ball momentum instead of the plain gradient under Nesterov momentum. By
+default each layer's direction is first scaled to unit norm (:func:`unit_layer_directions`), so the momentum
+averages directions whose raw norms swing by orders of magnitude.
 """
 
 from __future__ import annotations
