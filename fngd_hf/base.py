@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw as adamw_update
 
+from .block_norms import layer_norms
 from .capture import CapturedLayer, attach
 from .directions import TaggedDirections, direction_tag
 from .layers import split_parameters, weight_decay_groups
@@ -338,8 +339,8 @@ class LayerwiseOptimizer(TaggedDirections, LayerwiseState, torch.optim.Optimizer
             owner_index, layer_size = self._owner_index(owner, [p.numel() for p in params], direction_norms.device)
             param_norms = torch.stack(torch._foreach_norm(params)).float()
             layers = len(self._layers)
-            layer_d = direction_norms.new_zeros(layers).index_add_(0, owner_index, direction_norms.square()).sqrt_()
-            layer_p = direction_norms.new_zeros(layers).index_add_(0, owner_index, param_norms.square()).sqrt_()
+            layer_d = layer_norms(direction_norms, owner_index, layers)
+            layer_p = layer_norms(param_norms, owner_index, layers)
             # A layer whose weights are all zero (zero-initialised) has no norm to keep: it borrows the
             # RMS weight of the other layers, times the square root of its own size.
             live = layer_p > 0

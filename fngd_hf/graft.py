@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import functional as F
+from .block_norms import layer_norms
 from .capture import CapturedLayer
 from .runtime import _distributed
 
@@ -47,8 +48,8 @@ def graft_factors(
 ) -> torch.Tensor:
     """Per tensor: ``‖u_L‖ / ‖m_L‖`` of its layer ``L``, the norms taken over each layer's tensors together
     (weight and bias form one block, as in the trust region). A layer with no direction moves by nothing."""
-    layer_d = direction_norms.new_zeros(layers).index_add_(0, owner, direction_norms.square()).sqrt_()
-    layer_u = length_norms.new_zeros(layers).index_add_(0, owner, length_norms.square()).sqrt_()
+    layer_d = layer_norms(direction_norms, owner, layers)
+    layer_u = layer_norms(length_norms, owner, layers)
     factor = torch.where(layer_d > 0, layer_u / layer_d.clamp(min=1e-30), torch.zeros_like(layer_u))
     return factor[owner]
 

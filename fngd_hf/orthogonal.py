@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from .block_norms import layer_norms
+
 try:  # torch's Muon internals (torch >= 2.9): the same iteration as the Muon baseline, not a copy of it
     from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _zeropower_via_newtonschulz
 except ImportError:  # pragma: no cover - older torch
@@ -56,9 +58,8 @@ def unit_layer_directions(directions: list, owner_index: torch.Tensor, layers: i
     step discards it) yet swings by orders of magnitude, most at each shared epoch's first steps, whose
     coefficients were solved at initialisation; summed into the momentum buffer unnormalised, those few
     directions outweigh the rest for tens of steps. Normalised, momentum averages directions, as Muon's does."""
-    norms = torch.stack(torch._foreach_norm(directions)).float()
-    layer_norms = norms.new_zeros(layers).index_add_(0, owner_index, norms.square()).sqrt_()
-    inverse = torch.where(layer_norms > 0, 1.0 / layer_norms.clamp(min=1e-30), torch.zeros_like(layer_norms))
+    norms = layer_norms(torch.stack(torch._foreach_norm(directions)).float(), owner_index, layers)
+    inverse = torch.where(norms > 0, 1.0 / norms.clamp(min=1e-30), torch.zeros_like(norms))
     factors = inverse[owner_index].unbind(0)
     return torch._foreach_mul(directions, [f.to(d.dtype) for f, d in zip(factors, directions)])
 
