@@ -40,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO / "recipes" / "configs" / "fngd_paper.yaml"
 sys.path.insert(0, str(REPO / "recipes"))  # recipes/ is not a package
+sys.path.append(str(REPO))  # fngd_hf from this checkout when it is not installed (an installed one comes first)
 from learning_rates import DEFAULT_LEARNING_RATES, FNGD_FAMILY  # noqa: E402  (the recipe's default learning rate per method)
 
 
@@ -283,7 +284,6 @@ def default_adamw_lr(method: str, lr: float, step_length: str | None = None) -> 
     """
     if method in NO_ADAMW_PART:
         return None
-    sys.path.insert(0, str(REPO))
     from fngd_hf import settings
     from fngd_hf.integrations.arguments import FNGDTrainingArguments
 
@@ -321,7 +321,6 @@ def redundant_variant(method: str, variant: str) -> bool:
     (``muon_step`` since Muon's step length became FNGD's default)."""
     if variant not in VARIANT_FLAGS or any(not flag.startswith("--") for flag in VARIANT_FLAGS[variant][::2]):
         return False
-    sys.path.insert(0, str(REPO))
     from fngd_hf.integrations.arguments import ARG_DEFAULTS
 
     own = dict(_flag_pairs(METHOD_FLAGS.get(method, [])))
