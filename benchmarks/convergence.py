@@ -331,14 +331,21 @@ def redundant_variant(method: str, variant: str) -> bool:
     return True
 
 
+def ran_with_current_defaults(method: str, command: str) -> bool:
+    """False for an FNGD-family run recorded before ``FNGD_DEFAULTS_SINCE_RECORDED`` were the defaults (its command
+    lacks them, and it ran without them)."""
+    if method not in FNGD_FAMILY:
+        return True
+    words = shlex.split(command)
+    return all(_words_value(words, flag) == value for flag, value in _flag_pairs(FNGD_DEFAULTS_SINCE_RECORDED))
+
+
 def is_shipped_default(method: str, lr: float, adamw_lr: float | None, variant: str, command: str | None = None) -> bool:
     """No variant (or only variants the defaults already set), the recipe's default learning rate for the method
     and the trainer's default AdamW-part rate; with ``command``, an FNGD-family run must also have run with
     ``FNGD_DEFAULTS_SINCE_RECORDED`` (runs recorded before those defaults did not)."""
-    if command is not None and method in FNGD_FAMILY:
-        words = shlex.split(command)
-        if any(_words_value(words, flag) != value for flag, value in _flag_pairs(FNGD_DEFAULTS_SINCE_RECORDED)):
-            return False
+    if command is not None and not ran_with_current_defaults(method, command):
+        return False
     default = DEFAULT_LEARNING_RATES.get(method)
     # A variant that only sets the AdamW-part rate is the default when that rate is the default one.
     variant = "+".join(v for v in variant.split("+") if v and not (v.startswith("adamw_lr") and adamw_lr is not None

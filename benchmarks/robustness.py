@@ -8,7 +8,9 @@ Each cell changes one thing from the base (the ``cpu`` setting of ``benchmarks/c
 d_model 128, 2+2 layers, batch 64, linear decay with 5 % warmup); every method runs at the recipe's default
 learning rate (``recipes/learning_rates.py``) and the library's defaults otherwise, as a user who changes
 nothing would. Per run: final validation loss, greedy validation BLEU and the shuffled-source gap (a model
-that ignores its source has a gap near 0). Records are written as each run ends.
+that ignores its source has a gap near 0). Records are written as each run ends; a run already recorded (same
+cell, method and rate, with today's defaults) is skipped. ``--methods fngd:2e-3,fngd:8e-3`` adds a small
+per-cell grid, to see how far the default lands from each cell's best rate.
 """
 
 from __future__ import annotations
@@ -33,7 +35,31 @@ CELLS = {
     "d_model 256, 3+3 (small preset)": (64, ["--d_model", "256", "--ffn_dim", "1024", "--encoder_layers", "3",
                                              "--decoder_layers", "3"]),
 }
-METHODS = ("adamw", "fngd")
+METHODS = "adamw,fngd"
+
+
+def parse_methods(text: str) -> list[tuple[str, str]]:
+    """``name`` (the recipe's default learning rate) or ``name:lr`` items, comma separated -> ``(name, lr)``."""
+    runs = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, lr = item.partition(":")
+        if name not in convergence.METHOD_FLAGS:
+            raise ValueError(f"unknown method {name!r}; choose from {sorted(convergence.METHOD_FLAGS)}")
+        lr = lr or repr(convergence.DEFAULT_LEARNING_RATES[name])
+        float(lr)  # a ValueError names a rate that is not a number
+        runs.append((name, lr))
+    if not runs:
+        raise ValueError("--methods names no method")
+    return runs
+
+
+def done(results: list[dict], cell: str, method: str, lr: str) -> bool:
+    """A record of this cell, method and rate that ran with today's defaults (FNGD-family records from before
+    ``convergence.FNGD_DEFAULTS_SINCE_RECORDED`` are run again and replaced)."""
+    return any(r["cell"] == cell and r["method"] == method and r["lr"] == float(lr)
+               and convergence.ran_with_current_defaults(method, r["command"]) for r in results)
 
 
 def main() -> None:
@@ -45,7 +71,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--cells", default=";".join(CELLS), help="labels of CELLS, separated by ';' (labels hold commas)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default=METHODS,
+                        help="name or name:lr, comma separated (without a rate: the recipe's default for the method)")
     args = parser.parse_args()
+    try:
+        methods = parse_methods(args.methods)
+    except ValueError as error:
+        parser.error(str(error))
     cells = [c.strip() for c in args.cells.split(";") if c.strip()]
     unknown = [c for c in cells if c not in CELLS]
     if unknown:
@@ -53,10 +85,9 @@ def main() -> None:
     results = json.loads(args.results.read_text())["runs"] if args.results.exists() else []
     for cell in cells:
         batch, flags = CELLS[cell]
-        for method in METHODS:
-            if any(r["cell"] == cell and r["method"] == method for r in results):
+        for method, lr in methods:
+            if done(results, cell, method, lr):
                 continue  # done in an earlier invocation
-            lr = repr(convergence.DEFAULT_LEARNING_RATES[method])
             run_args = argparse.Namespace(
                 data_dir=args.data_dir, setting="cpu", batch_size=batch, seed=[args.seed],
                 extra=["--max_train_samples", str(args.train_pairs), "--num_train_epochs", str(args.epochs),
@@ -65,7 +96,8 @@ def main() -> None:
             slug = f"{cell.split(' (')[0].replace(' ', '_').replace(',', '').replace('+', 'and')}"
             record = convergence.run_method(method, lr, run_args, args.out / slug)
             last = record.get("epochs", [{}])[-1]
-            results = [r for r in results if not (r["cell"] == cell and r["method"] == method)] + [{
+            results = [r for r in results if not (r["cell"] == cell and r["method"] == method
+                                                  and r["lr"] == float(lr))] + [{
                 "cell": cell, "method": method, "lr": float(lr), "batch": batch, "seed": args.seed,
                 "val_loss": last.get("val_loss"), "val_bleu": last.get("val_bleu"), "source_gap": last.get("source_gap"),
                 "returncode": record.get("returncode"),
