@@ -129,6 +129,9 @@ VARIANT_FLAGS = {
     "unit": ["--fngd_normalize_directions", "True"],
     "raw": ["--fngd_normalize_directions", "False"],
     "heavy0.9": ["--optim_args", "momentum=0.9,nesterov=False"],
+    # The Monte-Carlo (true) Fisher instead of the empirical one: labels sampled from the model, one more backward
+    # per step; NGD only (nothing to share). Does the Fisher of the model, not of the data, earn its cost?
+    "mc_fisher": ["--fngd_fisher", "monte_carlo"],
 }
 
 

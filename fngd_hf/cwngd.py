@@ -25,6 +25,7 @@ class CWNGD(FNGD):
     """
 
     _batchable = False  # one system per output unit: the per-layer path
+    _supports_sampled_fisher = False
 
     def _fresh_coefficients(
         self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, scale: float, group: dict, tokens=None

@@ -25,6 +25,7 @@ from .graft import AdamWStepLength
 from .orthogonal import orthogonalized_directions, unit_layer_directions
 from .runtime import _distributed
 from .sample_sharing import SampleIndex
+from .sampled_fisher import IGNORE_INDEX, sample_labels, sampled_label_loss
 
 
 class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimizer):
@@ -106,7 +107,16 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
     less arithmetic, at one host read per backward in the batched path and per layer in the per-layer path,
     which therefore drops them only on CPUs; ``False`` keeps them). Counters: ``host_reads`` (reads the batched
     path made for its padding drop) and ``peak_held_bytes`` (the most one batched round held).
+
+    ``fisher="monte_carlo"`` (with ``share_coefficients=False``, i.e. NGD) inverts the Monte-Carlo estimate of the
+    true Fisher instead of the empirical one: before each backward, :meth:`sampled_fisher_backward` backpropagates
+    the loss of labels sampled from the model (``FNGDTrainer`` calls it), and the layer's direction is
+    ``(F̂ + λI)⁻¹ḡ = (ḡ - Ĵα)/λ``, ``α = (K̂ + λB I)⁻¹ Ĵᵀḡ`` with ``Ĵ`` the sampled-label per-sample
+    gradients (:func:`fngd_hf.functional.sampled_fisher_direction`). One more backward per step, one process, no
+    gradient accumulation.
     """
+
+    _supports_sampled_fisher = True  # CW-NGD's per-unit blocks have no Monte-Carlo path
 
     def __init__(
         self,
@@ -142,6 +152,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         normalize_directions: bool | None = None,
         launch_bound: bool | str = "auto",
         drop_padding: bool = True,
+        fisher: str = "empirical",
     ):
         settings.positive("damping", damping)
         settings.one_of("damping_mode", damping_mode, settings.DAMPING_MODES)
@@ -162,6 +173,9 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         settings.one_of("launch_bound", launch_bound, settings.LAUNCH_BOUND)
         normalize_directions = settings.resolve_normalize_directions(normalize_directions, step_length)
         settings.one_of("drop_padding", drop_padding, (True, False))
+        settings.fisher_with_sharing(fisher, share_coefficients, batch_layers)
+        if fisher == "monte_carlo" and not self._supports_sampled_fisher:
+            raise ValueError(f"{type(self).__name__} has no fisher='monte_carlo' path (use FNGD or NGD)")
         self.steps_per_epoch = steps_per_epoch  # validates before any layer is captured
         group_options = dict(damping=damping, damping_mode=damping_mode, damping_floor=damping_floor)
         super().__init__(model, settings.LayerwiseSettings.pick(locals()), group_options)
@@ -178,6 +192,9 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         self.normalize_directions = normalize_directions
         self.launch_bound = launch_bound
         self.drop_padding = drop_padding
+        self.fisher = fisher
+        self._probing = False  # inside sampled_fisher_backward: layers keep their sampled output gradient
+        self._sampled_deltas: dict[tuple[int, int], torch.Tensor] = {}  # (layer, micro-batch) -> δ̂
         self._init_graft()
         self._trust_auto = trust_auto
         self._step_samples: dict[int, int] = {}  # micro-batch -> its samples, this step (the auto trust ratio)
@@ -204,6 +221,11 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         """Called from the layer's backward: the micro-batch's natural gradient, already averaged.
 
         ``x`` and ``delta`` are outside any graph (the capture detaches them under ``create_graph``)."""
+        if self._probing:
+            self._sampled_deltas[(layer.index, layer.micro_batches)] = delta
+            return None, None  # no gradient: sampled_fisher_backward only gathers δ̂
+        if self.fisher == "monte_carlo":
+            return self._sampled_fisher_gradient(layer, x, delta, self.param_groups[0])
         if self._grafting:
             self._record_plain_gradient(layer, x, delta)
         micro = layer.micro_batches
@@ -264,6 +286,54 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         # Each micro-batch's d is divided by the declared count so the sum is the average: the weights
         # then carry scale / accumulation = B.
         return F.weighted_gradient(x, delta, beta, float(batch), layer.has_bias, layer.transposed, tokens)
+
+    def sampled_fisher_backward(self, logits: torch.Tensor, labels: torch.Tensor | None = None,
+                                ignore_index: int = IGNORE_INDEX, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``fisher="monte_carlo"``: call after the forward and before ``loss.backward()``. Draws one label per
+        position from ``softmax(logits)`` (positions whose ``labels`` are ``ignore_index`` stay ignored), and
+        backpropagates their token-mean cross-entropy through the managed layers only, keeping the graph for the
+        data's backward and leaving every ``.grad`` unchanged. Returns the sampled labels."""
+        if self.fisher != "monte_carlo":
+            raise ValueError(f"sampled_fisher_backward is for fisher='monte_carlo' (this optimizer has {self.fisher!r})")
+        if self._accumulation != 1 or _distributed():
+            raise ValueError("fisher='monte_carlo' supports one process without gradient accumulation")
+        sampled = sample_labels(logits, labels, ignore_index, generator)
+        weights = [layer.weight for layer in self._layers if layer.weight.requires_grad]
+        self._sampled_deltas.clear()
+        self._probing = True
+        try:
+            torch.autograd.backward(sampled_label_loss(logits, sampled, ignore_index), inputs=weights,
+                                    retain_graph=True)
+        finally:
+            self._probing = False
+        return sampled
+
+    def _sampled_fisher_gradient(self, layer: CapturedLayer, x: torch.Tensor, delta: torch.Tensor, group: dict):
+        """``(F̂ + λI)⁻¹ḡ`` of one layer from the sampled output gradients gathered by ``sampled_fisher_backward``
+        (no coefficients to share: ``fisher_with_sharing`` refused sharing)."""
+        sampled = self._sampled_deltas.pop((layer.index, layer.micro_batches), None)
+        if sampled is None or sampled.shape != delta.shape:  # raises before any state changes
+            raise RuntimeError(
+                f"{layer.name}: fisher='monte_carlo' needs opt.sampled_fisher_backward(logits, labels) after the "
+                "forward and before each loss.backward() (FNGDTrainer calls it; a stock Trainer does not, so use "
+                "FNGDTrainer or fisher='empirical')"
+            )
+        if self._grafting:
+            self._record_plain_gradient(layer, x, delta)
+        batch = x.shape[0]
+        self._step_samples.setdefault(layer.micro_batches, batch)
+        layer.micro_batches += 1
+        scale = float(batch)  # g_n = B · (sample n's contribution): no accumulation here
+        x, delta, sampled = self._stats(x), self._stats(delta), self._stats(sampled)
+        gram = F.gram_matrix(x, sampled, layer.has_bias, scale, self._gram_path(x))
+        norm = torch.linalg.matrix_norm(gram)
+        damping_b = F.damping_times_batch(gram, group["damping"], group["damping_mode"], group["damping_floor"], norm)
+        products = F.sampled_gradient_products(x, delta, sampled, layer.has_bias, scale)
+        alpha, damping_b = F.solve_coefficients(gram, damping_b, rhs=products)
+        self._diag_staged.append((damping_b, norm, batch))
+        self._diag["fresh"] += 1
+        self._note_finite(alpha)
+        return F.sampled_fisher_direction(x, delta, sampled, alpha, damping_b, layer.has_bias, layer.transposed)
 
     def _stats(self, tensor: torch.Tensor) -> torch.Tensor:
         dtype = self._stat_dtype_for(tensor.dtype)
@@ -383,6 +453,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
 
     def _discard_staged(self) -> None:
         self._step_samples.clear()
+        self._sampled_deltas.clear()
         self._discard_plain_gradients()
         self._discard_deferred()
         self._fold_diagnostics()
@@ -431,6 +502,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
             "shared_phase": self.shared_phase,
             "step_length": self.step_length,
             "normalize_directions": self.normalize_directions,
+            "fisher": self.fisher,
             "solve_check_fell_back": self._solve_check_fell_back,
             "sample_ids": self._sample_index.to_tensor(),
             "incomplete_layers": sorted(self._incomplete_layers),
@@ -442,7 +514,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         for key, current in (("share_coefficients", self.share_coefficients), ("share_by", self.share_by),
                              ("scale_mode", self.scale_mode), ("shared_phase", self.shared_phase),
                              ("step_length", self.step_length),
-                             ("normalize_directions", self.normalize_directions)):
+                             ("normalize_directions", self.normalize_directions), ("fisher", self.fisher)):
             if key in extra and extra[key] != current:
                 warnings.warn(
                     f"the checkpoint was written with {key}={extra[key]!r}, this optimizer has {current!r}: "

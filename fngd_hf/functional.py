@@ -225,9 +225,10 @@ def damping_times_batch(
 
 
 def solve_coefficients(
-    gram: torch.Tensor, damping_b: torch.Tensor, max_retries: int = 6
+    gram: torch.Tensor, damping_b: torch.Tensor, max_retries: int = 6, rhs: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``β = (K + λB I)⁻¹ 1`` by Cholesky; returns ``(β, λB actually used)``.
+    """``β = (K + λB I)⁻¹ 1`` by Cholesky; returns ``(β, λB actually used)``. ``rhs`` (shape ``gram.shape[:-1]``)
+    replaces the ``1`` (the Monte-Carlo Fisher solves for ``Ĵᵀḡ``).
 
     ``gram`` may carry leading batch dimensions (CW-NGD solves one system per output unit).
     A zero ``K`` with zero damping (a layer or unit that got no gradient) gives ``β = 0``: the
@@ -237,7 +238,10 @@ def solve_coefficients(
     gives a NaN ``β``, which the optimizer turns into a skipped step.
     """
     batch = gram.shape[-1]
-    ones = torch.ones(*gram.shape[:-1], 1, dtype=gram.dtype, device=gram.device)
+    if rhs is None:
+        ones = torch.ones(*gram.shape[:-1], 1, dtype=gram.dtype, device=gram.device)
+    else:
+        ones = rhs.to(gram.dtype).unsqueeze(-1)
     eye = torch.eye(batch, dtype=gram.dtype, device=gram.device)
     damping_b = damping_b.to(gram.dtype)
     norm = None
@@ -252,7 +256,7 @@ def solve_coefficients(
         if norm is None:
             norm = torch.linalg.matrix_norm(gram)
             if not bool(torch.isfinite(norm).all()):
-                return ones.squeeze(-1).fill_(float("nan")), damping_b  # the caller skips the step
+                return torch.full_like(ones.squeeze(-1), float("nan")), damping_b  # the caller skips the step
             empty = (norm == 0) & (damping_b == 0)
             damping_b = torch.where(empty, torch.ones_like(damping_b), damping_b)
             failed = failed & ~empty
@@ -347,4 +351,42 @@ def _weighted_sum(
     else:
         d_weight = weighted_delta.mT @ flat_x
     d_bias = weighted_delta.sum(dim=-2) if has_bias else None
+    return d_weight, d_bias
+
+
+def sampled_gradient_products(
+    x: torch.Tensor, delta: torch.Tensor, sampled_delta: torch.Tensor, has_bias: bool, scale: float
+) -> torch.Tensor:
+    """``Ĵᵀḡ``: the inner product of each sample's sampled-label gradient ``ĝ_n = scale Σ_{t∈n} δ̂_t x̂_tᵀ``
+    with the batch's gradient ``ḡ = Σ_t δ_t x̂_tᵀ``, as ``scale Σ_{t∈n} δ̂_t·(ḡ x̂_t)``: no per-sample gradient
+    is formed. ``x`` ``(B, T, i)``, ``delta`` and ``sampled_delta`` ``(B, T, o)``; returns ``(B,)``."""
+    flat_x = x.reshape(-1, x.shape[-1])
+    flat_delta = delta.reshape(-1, delta.shape[-1])
+    grad_weight = flat_delta.T @ flat_x  # (o, i): always in nn.Linear's layout here
+    projected = x @ grad_weight.T  # ḡ x̂_t without the bias column
+    if has_bias:
+        projected = projected + flat_delta.sum(dim=0)
+    return (sampled_delta * projected).sum(dim=(1, 2)) * scale
+
+
+def sampled_fisher_direction(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    sampled_delta: torch.Tensor,
+    alpha: torch.Tensor,
+    damping_b: torch.Tensor,
+    has_bias: bool,
+    transposed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``d = (F̂ + λI)⁻¹ ḡ = (ḡ - Ĵα) / λ`` (Sherman-Morrison-Woodbury with the Monte-Carlo Fisher
+    ``F̂ = (1/B) Ĵ Ĵᵀ``), given ``α = (K̂ + λB I)⁻¹ Ĵᵀḡ`` and ``λB``. ``ḡ`` is the layer's ordinary
+    gradient ``Σ_t δ_t x̂_tᵀ``; ``Ĵα`` the ``α``-weighted sum of the sampled-label per-sample gradients (per-sample
+    scale ``B``). ``λB > 0``, as :func:`solve_coefficients` returns it (a ``K̂ = 0`` under relative damping gets
+    ``λB = 1`` and ``α = 0`` there)."""
+    batch = x.shape[0]
+    plain_w, plain_b = plain_gradient(x, delta, has_bias, transposed)
+    sampled_w, sampled_b = weighted_gradient(x, sampled_delta, alpha, float(batch), has_bias, transposed)
+    inverse_lambda = (batch / damping_b).to(plain_w.dtype)
+    d_weight = (plain_w - sampled_w) * inverse_lambda
+    d_bias = None if plain_b is None else (plain_b - sampled_b) * inverse_lambda
     return d_weight, d_bias

@@ -31,6 +31,10 @@ DEFAULT_STEP_LENGTH = "muon"
 # test BLEU 35.2 at 4e-3/4e-3 against the trust region's 32.2 at 1e-2/2e-3, 3 seeds (its AdamW part at 1e-2 lost 2.3);
 # adamw (grafting) did not train at 2e-3 or 4e-3, so its rate is only AdamW's usual one.
 DEFAULT_RATES = {"muon": (4e-3, 4e-3), "trust_region": (1e-2, 2e-3), "adamw": (2e-3, 2e-3)}
+# Which Fisher the natural gradient inverts: the empirical one (per-sample gradients of the data's labels: the
+# paper, and what coefficient sharing stores), or the Monte-Carlo estimate of the true Fisher (per-sample gradients
+# of labels sampled from the model, one more backward per step; fngd_hf/sampled_fisher.py).
+FISHERS = ("empirical", "monte_carlo")
 GRAM_PATHS = (AUTO, "token", "per_sample")
 SOLVE_CHECKS = (AUTO, "per_layer", "per_step")
 # How each micro-batch loss of an accumulated step was divided: by the micro-batches the step really had
@@ -184,6 +188,20 @@ TRUST_REFERENCE_BATCH = 64
 def auto_trust_scale(samples_per_step: int) -> float:
     """The factor ``"auto"`` applies to the trust ratio for a step of ``samples_per_step`` samples."""
     return min(1.0, (samples_per_step / TRUST_REFERENCE_BATCH) ** 0.5)
+
+
+def fisher_with_sharing(fisher: str, share_coefficients: bool, batch_layers, name: str = "fisher") -> str:
+    """The Monte-Carlo Fisher needs the model's sampled-label gradients of every step: nothing to share, and
+    the batched end-of-backward path does not carry them."""
+    one_of(name, fisher, FISHERS)
+    if fisher == "monte_carlo" and share_coefficients:
+        raise ValueError(f"{name}='monte_carlo' needs share_coefficients=False (optimizer 'ngd'): its direction "
+                         "needs the gradients of labels sampled from the model at every step, so there are no "
+                         "coefficients to share")
+    if fisher == "monte_carlo" and batch_layers is True:
+        raise ValueError(f"{name}='monte_carlo' computes each layer in its own backward: batch_layers must be "
+                         "'auto' or False")
+    return fisher
 
 
 def share_by_with_phase(share_by: str, shared_phase: str) -> None:

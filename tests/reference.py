@@ -145,12 +145,15 @@ def damping_value(per_sample, damping: float, mode: str, bias: bool = True) -> f
     raise ValueError(mode)
 
 
-def dense_natural_gradient(per_sample, damping: float, mode: str = "fixed", bias: bool = True):
-    """``d = (F + λI)⁻¹ ḡ`` with the full ``p × p`` Fisher block, returned as ``(dW, db)``."""
+def dense_natural_gradient(per_sample, damping: float, mode: str = "fixed", bias: bool = True, fisher_samples=None):
+    """``d = (F + λI)⁻¹ ḡ`` with the full ``p × p`` Fisher block, returned as ``(dW, db)``. ``fisher_samples``: other
+    per-sample gradients (those of labels sampled from the model) to build ``F`` (and relative ``λ``) from;
+    ``ḡ`` stays the mean of ``per_sample``."""
     rows, weight_shape, batch = jacobian(per_sample, bias)
     has_bias = rows.shape[1] > weight_shape.numel()
-    lam = damping_value(per_sample, damping, mode, bias)
-    fisher = rows.T @ rows / batch
+    fisher_rows = rows if fisher_samples is None else jacobian(fisher_samples, bias)[0]
+    lam = damping_value(per_sample if fisher_samples is None else fisher_samples, damping, mode, bias)
+    fisher = fisher_rows.T @ fisher_rows / batch
     mean_grad = rows.mean(dim=0)
     eye = torch.eye(fisher.shape[0], dtype=DTYPE)
     d = torch.linalg.solve(fisher + lam * eye, mean_grad)

@@ -148,6 +148,13 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         default=None,
         metadata={"help": "Unit-norm layer directions before momentum (Muon's step only). None: on with muon."},
     )
+    fngd_fisher: str = _choice(
+        "empirical",
+        settings.FISHERS,
+        "Which Fisher the natural gradient inverts: empirical (the data's labels; the paper) or monte_carlo (labels "
+        "sampled from the model: the true Fisher's estimate, one more backward per step; optimizer ngd only, one "
+        "process, no gradient accumulation).",
+    )
 
     def __post_init__(self):
         self._validate_fngd()
@@ -171,6 +178,13 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         settings.resolve_normalize_directions(self.fngd_normalize_directions, self.fngd_step_length,
                                               "fngd_normalize_directions")
         settings.one_of("fngd_batch_layers", self.fngd_batch_layers, settings.BATCH_LAYERS_NAMES)
+        if self.optimizer in FNGD_FAMILY:
+            settings.fisher_with_sharing(self.fngd_fisher, self.optimizer == "fngd" and self.fngd_share_coefficients,
+                                         settings.BATCH_LAYERS_NAMES[self.fngd_batch_layers], "fngd_fisher")
+            if self.fngd_fisher == "monte_carlo" and self.optimizer == "cwngd":
+                raise ValueError("Invalid fngd_fisher: 'monte_carlo' has no CW-NGD path (use optimizer ngd)")
+            if self.fngd_fisher == "monte_carlo" and self.gradient_accumulation_steps != 1:
+                raise ValueError("Invalid fngd_fisher: 'monte_carlo' needs gradient_accumulation_steps=1")
         # From the command line it arrives as text; "auto" is resolved when FNGD is built (it follows damping_mode).
         self.fngd_trust_ratio = settings.parse_trust_ratio(self.fngd_trust_ratio, "fngd_trust_ratio")
         if isinstance(self.fngd_target_modules, str):

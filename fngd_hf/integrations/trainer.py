@@ -218,6 +218,7 @@ class FNGDTrainer(Seq2SeqTrainer):
             shared_phase=self._arg("fngd_shared_phase"),
             step_length=self._arg("fngd_step_length"),
             normalize_directions=self._arg("fngd_normalize_directions"),
+            fisher=self._arg("fngd_fisher"),
             share_by=self._arg("fngd_share_by"),
             batch_layers=settings.BATCH_LAYERS_NAMES[self._arg("fngd_batch_layers")],
             stat_dtype=settings.STAT_DTYPE_NAMES[self._arg("fngd_stat_dtype")],
@@ -273,9 +274,18 @@ class FNGDTrainer(Seq2SeqTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training and self.compute_loss_func is None and self.fngd_optimizer is not None:
+        opt = self.fngd_optimizer
+        if model.training and self.compute_loss_func is None and opt is not None:
             num_items_in_batch = None  # see the class docstring: each micro-batch's own mean, divided by GA
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not (model.training and isinstance(opt, FNGD) and opt.fisher == "monte_carlo"):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        # The Monte-Carlo Fisher: the backward of labels sampled from these logits, before the Trainer's backward.
+        labels = inputs.get("labels")  # read first: a label smoother pops them from inputs
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        opt.sampled_fisher_backward(logits, labels)
+        return (loss, outputs) if return_outputs else loss
 
     def _fngd_split(self):
         opt = self.fngd_optimizer
