@@ -106,9 +106,8 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
     fngd_batch_layers: str = _choice(
         settings.AUTO,
         settings.BATCH_LAYERS_NAMES,
-        "true: in the first epoch, equally shaped layers form their Gram matrices and solves together at "
-        "the end of each backward (few GPU kernels; holds their inputs and output gradients until then, at most "
-        "1 GiB); false: each layer in its own backward; auto: true on GPUs, false on CPUs.",
+        "true: in the first epoch, equally shaped layers are solved together at the end of each backward "
+        "(few GPU kernels, at most 1 GiB held); false: each layer in its own backward; auto: true on GPUs.",
     )
     fngd_trust_ratio: float | str | None = field(
         default=settings.AUTO,
@@ -151,9 +150,7 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
     fngd_fisher: str = _choice(
         "empirical",
         settings.FISHERS,
-        "Which Fisher the natural gradient inverts: empirical (the data's labels; the paper) or monte_carlo (labels "
-        "sampled from the model: the true Fisher's estimate, one more backward per step; optimizer ngd only, one "
-        "process, no gradient accumulation).",
+        "empirical: the data's labels (the paper); monte_carlo: the model's (ngd only).",
     )
 
     def __post_init__(self):
