@@ -3,6 +3,7 @@ model sizes and batch sizes (a bounded budget: a part of Multi30K, one epoch by 
 
     OMP_NUM_THREADS=1 python benchmarks/robustness.py --data-dir ../shared/data/multi30k \\
         --out OUT --results docs/results/robustness.json
+    python benchmarks/robustness.py --results docs/results/robustness.json --table
 
 Each cell changes one thing from the base (the ``cpu`` setting of ``benchmarks/convergence.py``: Marian
 d_model 128, 2+2 layers, batch 64, linear decay with 5 % warmup); every method runs at the recipe's default
@@ -62,10 +63,40 @@ def done(results: list[dict], cell: str, method: str, lr: str) -> bool:
                and convergence.ran_with_current_defaults(method, r["command"]) for r in results)
 
 
+def _cell_text(record: dict | None) -> str:
+    if record is None:
+        return "-"
+    if record.get("val_loss") is None:
+        return f"failed (rc {record.get('returncode')})"
+    text = f"{record['val_loss']:.2f} / {record['val_bleu']:.1f} / {record['source_gap']:.2f}"
+    stale = not convergence.ran_with_current_defaults(record["method"], record["command"])
+    return text + (" (before today's defaults)" if stale else "")
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: one row per cell (CELLS' order), one column per method and rate; the recipe's default rate of
+    each method first. Entries: final validation loss / greedy validation BLEU / shuffled-source gap."""
+    def order(key):
+        method, lr = key
+        default = convergence.DEFAULT_LEARNING_RATES.get(method)
+        return (method != "adamw", method, lr != default, lr)
+
+    columns = sorted({(r["method"], r["lr"]) for r in results}, key=order)
+    header = [f"{m} {lr:g}" + (" (default)" if lr == convergence.DEFAULT_LEARNING_RATES.get(m) else "")
+              for m, lr in columns]
+    lines = ["| cell | " + " | ".join(header) + " |", "| --- |" + " --- |" * len(columns)]
+    for cell in CELLS:
+        row = {(r["method"], r["lr"]): r for r in results if r["cell"] == cell}
+        if row:
+            lines.append(f"| {cell} | " + " | ".join(_cell_text(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", action="store_true", help="print the --results file as a markdown table and exit")
     parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--train-pairs", type=int, default=5000)
     parser.add_argument("--epochs", type=int, default=1)
@@ -74,6 +105,11 @@ def main() -> None:
     parser.add_argument("--methods", default=METHODS,
                         help="name or name:lr, comma separated (without a rate: the recipe's default for the method)")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.results.read_text())["runs"]))
+        return
+    if args.out is None:
+        parser.error("--out is required to run cells")
     try:
         methods = parse_methods(args.methods)
     except ValueError as error:

@@ -185,3 +185,27 @@ def test_committed_results_file_is_well_formed():
                if r["seed"] == 0 and not r["variant"]}
     assert {k: earlier.get(k) for k in [("adamw", 2e-3), ("fngd", 1e-2), ("fngd", 5e-3), ("ngd", 1e-2)]} == {
         ("adamw", 2e-3): 33.8, ("fngd", 1e-2): 30.2, ("fngd", 5e-3): 31.5, ("ngd", 1e-2): 29.7}
+
+
+def test_robustness_reruns_records_from_before_todays_defaults_and_tables_them():
+    import robustness
+
+    assert robustness.parse_methods("adamw,fngd:2e-3") == [("adamw", repr(convergence.DEFAULT_LEARNING_RATES["adamw"])),
+                                                           ("fngd", "2e-3")]
+    with pytest.raises(ValueError, match="unknown method"):
+        robustness.parse_methods("lion")
+    with pytest.raises(ValueError, match="no method"):
+        robustness.parse_methods(" , ")
+    cell = "batch 8"
+    today = " ".join(["python recipes/multi30k.py --optimizer fngd", *convergence.FNGD_DEFAULTS_SINCE_RECORDED])
+    old = {"cell": cell, "method": "fngd", "lr": 0.004, "val_loss": 2.92, "val_bleu": 22.5, "source_gap": 3.0,
+           "command": "python recipes/multi30k.py --optimizer fngd"}
+    new = {**old, "val_loss": 2.89, "val_bleu": 23.3, "command": today}
+    adamw = {**old, "method": "adamw", "lr": 5e-4, "val_loss": 3.9, "val_bleu": 8.8, "command": "python x --optimizer adamw"}
+    assert not robustness.done([old, adamw], cell, "fngd", "0.004")  # ran without today's defaults: run again
+    assert robustness.done([new, adamw], cell, "fngd", "0.004") and robustness.done([adamw], cell, "adamw", "0.0005")
+    assert not robustness.done([new], cell, "fngd", "2e-3")  # another rate is another run
+    text = robustness.table([adamw, old, {**new, "lr": 0.008, "val_loss": None, "returncode": 1}])
+    lines = text.splitlines()
+    assert lines[0] == "| cell | adamw 0.0005 (default) | fngd 0.004 (default) | fngd 0.008 |"
+    assert lines[2] == "| batch 8 | 3.90 / 8.8 / 3.00 | 2.92 / 22.5 / 3.00 (before today's defaults) | failed (rc 1) |"
