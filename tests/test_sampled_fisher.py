@@ -192,3 +192,17 @@ def test_a_stock_trainer_with_the_monte_carlo_fisher_fails_loudly(tmp_path, copy
                              train_dataset=copy_task(16), optimizers=(opt, None))
     with pytest.raises(RuntimeError, match="FNGDTrainer"):
         trainer.train()
+
+
+def test_a_checkpoint_says_which_fisher_it_was_written_with(mlp_factory):
+    model = mlp_factory()
+    opt = FNGD(model, fisher="monte_carlo", share_coefficients=False)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    logits = model(x)
+    opt.sampled_fisher_backward(logits, y)
+    nn.functional.cross_entropy(logits, y).backward()
+    opt.step()
+    state = opt.state_dict()
+    FNGD(mlp_factory(), fisher="monte_carlo", share_coefficients=False).load_state_dict(state)  # same: silent
+    with pytest.warns(RuntimeWarning, match="fisher='monte_carlo'"):
+        FNGD(mlp_factory(), share_coefficients=False).load_state_dict(state)
