@@ -299,6 +299,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
             raise ValueError("fisher='monte_carlo' supports one process without gradient accumulation")
         sampled = sample_labels(logits, labels, ignore_index, generator)
         weights = [layer.weight for layer in self._layers if layer.weight.requires_grad]
+        if not weights:
+            raise ValueError("fisher='monte_carlo': no managed layer has a trainable weight")
         self._sampled_deltas.clear()
         self._probing = True
         try:
