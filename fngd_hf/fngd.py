@@ -328,14 +328,13 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         scale = float(batch)  # g_n = B · (sample n's contribution): no accumulation here
         x, delta, sampled = self._stats(x), self._stats(delta), self._stats(sampled)
         gram = F.gram_matrix(x, sampled, layer.has_bias, scale, self._gram_path(x))
-        norm = torch.linalg.matrix_norm(gram)
-        damping_b = F.damping_times_batch(gram, group["damping"], group["damping_mode"], group["damping_floor"], norm)
-        products = F.sampled_gradient_products(x, delta, sampled, layer.has_bias, scale)
-        alpha, damping_b = F.solve_coefficients(gram, damping_b, rhs=products)
+        plain = F.plain_gradient(x, delta, layer.has_bias, layer.transposed)  # ḡ, once for both uses below
+        products = F.sampled_gradient_products(x, sampled, plain, scale, layer.transposed)
+        alpha, damping_b, norm = self._damped_solve(gram, group, rhs=products)
         self._diag_staged.append((damping_b, norm, batch))
         self._diag["fresh"] += 1
         self._note_finite(alpha)
-        return F.sampled_fisher_direction(x, delta, sampled, alpha, damping_b, layer.has_bias, layer.transposed)
+        return F.sampled_fisher_direction(x, plain, sampled, alpha, damping_b, layer.transposed)
 
     def _stats(self, tensor: torch.Tensor) -> torch.Tensor:
         dtype = self._stat_dtype_for(tensor.dtype)
@@ -353,22 +352,25 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         beta, damping_b, norm = self._damped_solve(gram, group)
         return beta, gram.diagonal(), damping_b, norm
 
-    def _damped_solve(self, gram: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(β, λB used, ‖K‖_F)`` of Gram matrices with any leading dimensions (layers, CW-NGD's units)."""
+    def _damped_solve(self, gram: torch.Tensor, group: dict, rhs: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(β, λB used, ‖K‖_F)`` of Gram matrices with any leading dimensions (layers, CW-NGD's units);
+        ``rhs`` replaces the ``1`` of ``β = (K + λB I)⁻¹ 1`` (the Monte-Carlo Fisher's ``Ĵᵀḡ``)."""
         norm = torch.linalg.matrix_norm(gram)
         damping_b = F.damping_times_batch(gram, group["damping"], group["damping_mode"], group["damping_floor"], norm)
-        beta, damping_b = self._solve(gram, damping_b)
+        beta, damping_b = self._solve(gram, damping_b, rhs)
         return beta, damping_b, norm
 
-    def _solve(self, gram: torch.Tensor, damping_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _solve(self, gram: torch.Tensor, damping_b: torch.Tensor, rhs: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(β, λB used)``. Checked per layer (one host sync each, retries with more damping) or,
         on GPUs, once in ``step()``: a GPU step is bound by the host, and 96 syncs per step stall it."""
         mode = self.solve_check
         if mode == "auto":
             mode = "per_step" if self._launch_bound(gram) else "per_layer"
         if mode == "per_layer" or self._solve_check_fell_back:
-            return F.solve_coefficients(gram, damping_b)
-        beta, damping_b, info = F.solve_coefficients_deferred(gram, damping_b)
+            return F.solve_coefficients(gram, damping_b, rhs=rhs)
+        beta, damping_b, info = F.solve_coefficients_deferred(gram, damping_b, rhs)
         self._note_factored(info)
         return beta, damping_b
 

@@ -269,16 +269,20 @@ def solve_coefficients(
 
 
 def solve_coefficients_deferred(
-    gram: torch.Tensor, damping_b: torch.Tensor
+    gram: torch.Tensor, damping_b: torch.Tensor, rhs: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``β = (K + λB I)⁻¹ 1`` with no host sync and few kernels: returns ``(β, λB used, info)``.
+    """``β = (K + λB I)⁻¹ 1`` with no host sync and few kernels: returns ``(β, λB used, info)``. ``rhs`` replaces
+    the ``1`` as in :func:`solve_coefficients`.
 
     ``info`` is Cholesky's (0 = positive definite; one per system). Where it is not 0, ``β`` is
     meaningless and the caller must not apply it (:func:`solve_coefficients` retries instead). A
     system with ``λB = 0`` (relative damping of a ``K = 0``: a layer or unit with no gradient)
     gets ``β = 0``, as there.
     """
-    ones = _constant(1.0, (*gram.shape[:-1], 1), gram.dtype, gram.device)
+    if rhs is None:
+        ones = _constant(1.0, (*gram.shape[:-1], 1), gram.dtype, gram.device)
+    else:
+        ones = rhs.to(gram.dtype).unsqueeze(-1)
     damping_b = damping_b.to(gram.dtype)
     live = damping_b != 0
     damping_b = torch.where(live, damping_b, 1.0)  # K = 0 there: solve I β = 1, then zero β
@@ -355,37 +359,36 @@ def _weighted_sum(
 
 
 def sampled_gradient_products(
-    x: torch.Tensor, delta: torch.Tensor, sampled_delta: torch.Tensor, has_bias: bool, scale: float
+    x: torch.Tensor, sampled_delta: torch.Tensor, plain: tuple[torch.Tensor, torch.Tensor | None], scale: float,
+    transposed: bool = False,
 ) -> torch.Tensor:
     """``Ĵᵀḡ``: the inner product of each sample's sampled-label gradient ``ĝ_n = scale Σ_{t∈n} δ̂_t x̂_tᵀ``
-    with the batch's gradient ``ḡ = Σ_t δ_t x̂_tᵀ``, as ``scale Σ_{t∈n} δ̂_t·(ḡ x̂_t)``: no per-sample gradient
-    is formed. ``x`` ``(B, T, i)``, ``delta`` and ``sampled_delta`` ``(B, T, o)``; returns ``(B,)``."""
-    flat_x = x.reshape(-1, x.shape[-1])
-    flat_delta = delta.reshape(-1, delta.shape[-1])
-    grad_weight = flat_delta.T @ flat_x  # (o, i): always in nn.Linear's layout here
-    projected = x @ grad_weight.T  # ḡ x̂_t without the bias column
-    if has_bias:
-        projected = projected + flat_delta.sum(dim=0)
+    with the batch's gradient ``ḡ`` (``plain``: :func:`plain_gradient`'s ``(dW, db)``), as
+    ``scale Σ_{t∈n} δ̂_t·(ḡ x̂_t)``: no per-sample gradient is formed. ``x`` ``(B, T, i)``, ``sampled_delta``
+    ``(B, T, o)``; returns ``(B,)``."""
+    grad_weight, grad_bias = plain
+    projected = x @ (grad_weight if transposed else grad_weight.T)  # ḡ x̂_t without the bias column
+    if grad_bias is not None:
+        projected = projected + grad_bias
     return (sampled_delta * projected).sum(dim=(1, 2)) * scale
 
 
 def sampled_fisher_direction(
     x: torch.Tensor,
-    delta: torch.Tensor,
+    plain: tuple[torch.Tensor, torch.Tensor | None],
     sampled_delta: torch.Tensor,
     alpha: torch.Tensor,
     damping_b: torch.Tensor,
-    has_bias: bool,
     transposed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``d = (F̂ + λI)⁻¹ ḡ = (ḡ - Ĵα) / λ`` (Sherman-Morrison-Woodbury with the Monte-Carlo Fisher
-    ``F̂ = (1/B) Ĵ Ĵᵀ``), given ``α = (K̂ + λB I)⁻¹ Ĵᵀḡ`` and ``λB``. ``ḡ`` is the layer's ordinary
-    gradient ``Σ_t δ_t x̂_tᵀ``; ``Ĵα`` the ``α``-weighted sum of the sampled-label per-sample gradients (per-sample
-    scale ``B``). ``λB > 0``, as :func:`solve_coefficients` returns it (a ``K̂ = 0`` under relative damping gets
-    ``λB = 1`` and ``α = 0`` there)."""
+    ``F̂ = (1/B) Ĵ Ĵᵀ``), given ``α = (K̂ + λB I)⁻¹ Ĵᵀḡ`` and ``λB``. ``plain`` is the layer's ordinary
+    gradient ``ḡ = Σ_t δ_t x̂_tᵀ`` as :func:`plain_gradient`'s ``(dW, db)``; ``Ĵα`` the ``α``-weighted sum of the
+    sampled-label per-sample gradients (per-sample scale ``B``). ``λB > 0``, as :func:`solve_coefficients`
+    returns it (a ``K̂ = 0`` under relative damping gets ``λB = 1`` and ``α = 0`` there)."""
     batch = x.shape[0]
-    plain_w, plain_b = plain_gradient(x, delta, has_bias, transposed)
-    sampled_w, sampled_b = weighted_gradient(x, sampled_delta, alpha, float(batch), has_bias, transposed)
+    plain_w, plain_b = plain
+    sampled_w, sampled_b = weighted_gradient(x, sampled_delta, alpha, float(batch), plain_b is not None, transposed)
     inverse_lambda = (batch / damping_b).to(plain_w.dtype)
     d_weight = (plain_w - sampled_w) * inverse_lambda
     d_bias = None if plain_b is None else (plain_b - sampled_b) * inverse_lambda

@@ -54,12 +54,14 @@ def dense_monte_carlo(kind, ref_model, batch, sampled, opt, mode):
 
 
 @pytest.mark.parametrize("mode", ["fixed", "relative"])
-@pytest.mark.parametrize("kind", ["mlp", "mlp_nobias", "bart", "t5"])
-def test_one_step_moves_by_the_dense_monte_carlo_natural_gradient(kind, mode):
+@pytest.mark.parametrize("kind, solve_check", [("mlp", "per_layer"), ("mlp_nobias", "per_layer"), ("bart", "per_layer"),
+                                               ("t5", "per_layer"), ("mlp", "per_step"), ("bart", "per_step")])
+def test_one_step_moves_by_the_dense_monte_carlo_natural_gradient(kind, solve_check, mode):
+    """Both solve checks: per layer (CPUs' default) and once per step (GPUs' default, no host sync)."""
     build = builder(kind)
     model = build()
     reference_model = ref.clone_model(model, build)
-    opt = make_fngd(kind, model, mode, fisher="monte_carlo")
+    opt = make_fngd(kind, model, mode, fisher="monte_carlo", solve_check=solve_check)
     batch = make_batch(kind, seed=1)
     before = snapshot(opt)
     loss, logits, labels = forward(kind, model, batch)
@@ -91,9 +93,10 @@ def test_pure_direction_matches_the_woodbury_identity():
     mean_grad = sum(delta[n].T @ x_hat[n] for n in range(batch)).reshape(-1)
     expected = torch.linalg.solve(jac @ jac.T / batch + lam * torch.eye(len(mean_grad), dtype=x.dtype), mean_grad)
     gram = F.gram_matrix(x, sampled, True, float(batch), "per_sample")
-    products = F.sampled_gradient_products(x, delta, sampled, True, float(batch))
+    plain = F.plain_gradient(x, delta, True, transposed=True)
+    products = F.sampled_gradient_products(x, sampled, plain, float(batch), transposed=True)
     alpha, damping_b = F.solve_coefficients(gram, torch.tensor(lam * batch, dtype=x.dtype), rhs=products)
-    d_weight, d_bias = F.sampled_fisher_direction(x, delta, sampled, alpha, damping_b, True, transposed=True)
+    d_weight, d_bias = F.sampled_fisher_direction(x, plain, sampled, alpha, damping_b, transposed=True)
     got = torch.cat([d_weight.T, d_bias[:, None]], 1).reshape(-1)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
