@@ -72,7 +72,8 @@ SETTINGS = {
 WARMUP_THEN_LINEAR = ["--warmup_steps", "0.05", "--lr_scheduler_type", "linear"]
 # What the FNGD family's defaults set that runs recorded before them did not (their commands lack it, and they
 # ran without): spelled out in every command, a run counts as the shipped default only if its command has it.
-FNGD_DEFAULTS_SINCE_RECORDED = ["--fngd_normalize_directions", "True"]
+# Both are Muon's step's defaults (a trust-region variant spells its own damping: its default is 0.1).
+FNGD_DEFAULTS_SINCE_RECORDED = ["--fngd_normalize_directions", "True", "--fngd_damping", "10"]
 METHOD_FLAGS = {
     "adamw": WARMUP_THEN_LINEAR,
     "sgd": [],
@@ -108,7 +109,8 @@ VARIANT_FLAGS = {
     "damping0.1": ["--fngd_damping", "0.1"],
     "damping0.03": ["--fngd_damping", "0.03"],
     "damping1": ["--fngd_damping", "1.0"],
-    "damping10": ["--fngd_damping", "10"],  # with Muon's step: towards the plain gradient, i.e. Muon (damping -> inf)
+    # With Muon's step: towards the plain gradient, i.e. Muon (damping -> inf); the default since it won.
+    "damping10": ["--fngd_damping", "10"],
     "by_sample": ["--fngd_share_by", "sample"],  # each sample keeps its first-epoch coefficient
     # Uniform coefficients: with damping 1e6·‖K‖ every β_n is the same, d ∝ the plain gradient, so this is SGD
     # with FNGD's trust region, momentum and AdamW part (the shared phase's "no curvature" limit). Confounded with

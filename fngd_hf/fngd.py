@@ -50,7 +50,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
     the default: it beat the paper's ``-lr * d`` by 3.0 test BLEU on full Multi30K, 3 seeds) or by ``-lr * d``
     within the trust region (``step_length="trust_region"``, the paper's step with our safeguard).
     ``lr`` and ``adamw_lr`` default to the step length's measured best (``settings.DEFAULT_RATES``:
-    4e-3 and 4e-3 for ``"muon"``, 1e-2 and 2e-3 for ``"trust_region"``). All other trainable
+    4e-3 and 4e-3 for ``"muon"``, 1e-2 and 2e-3 for ``"trust_region"``); so does ``damping`` (relative ``γ``,
+    ``settings.DEFAULT_RELATIVE_DAMPING``: 10 for ``"muon"``, 0.1 otherwise; fixed ``λ``: 0.1). All other trainable
     parameters (LayerNorm, embeddings, heads) follow ``torch.optim.AdamW`` exactly.
 
     With ``share_coefficients=True`` the first ``steps_per_epoch`` steps compute and store
@@ -122,7 +123,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         self,
         model: nn.Module,
         lr: float | None = None,
-        damping: float = 0.1,
+        damping: float | None = None,
         damping_mode: str = "relative",
         momentum: float = 0.9,
         weight_decay: float = 0.0,
@@ -154,8 +155,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         drop_padding: bool = True,
         fisher: str = "empirical",
     ):
-        settings.positive("damping", damping)
-        settings.one_of("damping_mode", damping_mode, settings.DAMPING_MODES)
+        settings.one_of("step_length", step_length, settings.STEP_LENGTHS)
+        damping = settings.default_damping(step_length, damping_mode, damping)
         settings.non_negative("damping_floor", damping_floor)
         trust_auto = (settings.parse_trust_ratio(trust_ratio) == settings.AUTO and damping_mode == "relative"
                       and step_length == "trust_region")

@@ -92,23 +92,27 @@ def test_historical_record_and_shipped_default(monkeypatch):
     monkeypatch.setitem(convergence.DEFAULT_LEARNING_RATES, "fngd", 1e-2)
     monkeypatch.setattr(convergence, "default_adamw_lr", lambda method, lr, step_length=None: 2e-3)
     assert not convergence.results_record(record, historical=True)["shipped_default"]  # AdamW part at 1e-2
-    explicit = curves_run(command=OLD_COMMAND + " --fngd_adamw_lr 2e-3 --fngd_normalize_directions True", seed=0,
-                          adamw_lr=2e-3)
+    since = " ".join(convergence.FNGD_DEFAULTS_SINCE_RECORDED)
+    assert since == "--fngd_normalize_directions True --fngd_damping 10"
+    explicit = curves_run(command=f"{OLD_COMMAND} --fngd_adamw_lr 2e-3 {since}", seed=0, adamw_lr=2e-3)
     assert convergence.results_record(explicit)["shipped_default"]
-    # Recorded before normalize_directions became the default: its command lacks it, it ran without.
+    # Recorded before normalize_directions (or damping 10) became the default: its command lacks it, it ran without.
     assert not convergence.results_record({**explicit, "command": OLD_COMMAND + " --fngd_adamw_lr 2e-3"})["shipped_default"]
+    before_damping = OLD_COMMAND + " --fngd_adamw_lr 2e-3 --fngd_normalize_directions True"
+    assert not convergence.results_record({**explicit, "command": before_damping})["shipped_default"]
     assert not convergence.results_record({**explicit, "command": explicit["command"] + " --fngd_normalize_directions False"})["shipped_default"]
     assert not convergence.results_record({**explicit, "variant": "refreshed"})["shipped_default"]
     assert not convergence.results_record({**explicit, "lr": 5e-3})["shipped_default"]
     # A variant whose flags the defaults now set (Muon's step length, the recipe's schedule) is the default.
     monkeypatch.setitem(convergence.DEFAULT_LEARNING_RATES, "fngd", 4e-3)
     monkeypatch.setattr(convergence, "default_adamw_lr", lambda method, lr, step_length=None: 4e-3)
-    muon_step = curves_run(command=OLD_COMMAND + " --fngd_adamw_lr 4e-3 --fngd_normalize_directions True", seed=0,
-                           adamw_lr=4e-3)
+    muon_step = curves_run(command=f"{OLD_COMMAND} --fngd_adamw_lr 4e-3 {since}", seed=0, adamw_lr=4e-3)
     assert convergence.results_record({**muon_step, "lr": 4e-3, "variant": "muon_step"})["shipped_default"]
     assert convergence.results_record({**muon_step, "lr": 4e-3, "variant": "unit"})["shipped_default"]
     assert not convergence.results_record({**muon_step, "lr": 4e-3, "variant": "raw"})["shipped_default"]
     assert not convergence.results_record({**muon_step, "lr": 4e-3, "variant": "graft"})["shipped_default"]
+    assert convergence.results_record({**muon_step, "lr": 4e-3, "variant": "unit+damping10"})["shipped_default"]
+    assert not convergence.results_record({**muon_step, "lr": 4e-3, "variant": "damping0.1"})["shipped_default"]
     assert not convergence.redundant_variant("fngd", "uniform") and convergence.redundant_variant("fngd", "muon_step")
     # Greedy, or beam 4 on part of the test set: not the beam-4 test BLEU.
     partial = {**BEAM4, "settings": {**BEAM4["settings"], "sentences": 500}}

@@ -79,6 +79,22 @@ def test_rates_default_to_the_step_lengths_measured_best():
         FNGD(make_mlp(), step_length="orthogonal")
 
 
+def test_damping_defaults_to_the_step_lengths_measured_best():
+    """Relative γ follows the step length (settings.DEFAULT_RELATIVE_DAMPING): 10 with Muon's step, 0.1 with the
+    trust region's; fixed λ is 0.1 whatever the step; a given value is kept; an invalid one is refused."""
+    def damping(opt):
+        return [g["damping"] for g in opt.param_groups if g["fngd"]][0]
+
+    assert damping(FNGD(make_mlp())) == 10.0 and damping(CWNGD(make_mlp())) == 10.0
+    assert damping(FNGD(make_mlp(), share_coefficients=False)) == 10.0
+    assert damping(FNGD(make_mlp(), step_length="trust_region")) == 0.1
+    assert damping(FNGD(make_mlp(), damping_mode="fixed")) == 0.1
+    assert damping(FNGD(make_mlp(), damping=0.3)) == 0.3
+    assert damping(FNGD(make_mlp(), damping=0.3, step_length="trust_region")) == 0.3
+    with pytest.raises(ValueError, match="Invalid damping: 0"):
+        FNGD(make_mlp(), damping=0)
+
+
 @pytest.mark.parametrize("method", [FNGD, CWNGD, KFAC, SNGD])
 @pytest.mark.parametrize("model_fn", [lambda: nn.Sequential(nn.LayerNorm(6), nn.Embedding(3, 6)), make_mlp])
 def test_nothing_managed_equals_torch_adamw(model_fn, method):

@@ -153,7 +153,7 @@ def test_recipe_fngd(tmp_path, data_dir):
     card = (output_dir / "README.md").read_text(encoding="utf-8")
     assert "Optimizer used: **FNGD" in card and "| class | fngd_hf.fngd.FNGD |" in card
     optimizer_section = card.split("## Optimizer")[1].split("## Training")[0]
-    assert "| damping | 0.1 (relative" in optimizer_section and "| trust ratio | off |" in optimizer_section
+    assert "| damping | 10 (relative" in optimizer_section and "| trust ratio | off |" in optimizer_section
     assert "| step length | muon: Muon's orthogonalised" in optimizer_section
     assert "[" not in optimizer_section and "{" not in optimizer_section  # no per-group dumps
     assert len(optimizer_section.splitlines()) < 25
@@ -293,4 +293,4 @@ def test_paper_setting_by_name_matches_the_benchmark_variant(tmp_path):
     assert by_name.fngd_trust_ratio is None and by_name.max_grad_norm == 0.0 and by_name.fngd_damping == 1.0
     assert str(getattr(by_name.lr_scheduler_type, "value", by_name.lr_scheduler_type)) == "constant"
     # and the package defaults are a different setting (the test can fail)
-    assert default.fngd_trust_ratio == "auto" and default.fngd_damping == 0.1
+    assert default.fngd_trust_ratio == "auto" and default.fngd_damping is None  # FNGD picks it by step length

@@ -186,6 +186,20 @@ def test_fngd_built_from_arguments(tmp_path):
     assert "lm_head" not in names
 
 
+def test_damping_left_unset_follows_the_step_length(tmp_path):
+    """fngd_damping defaults to None in the arguments: the built FNGD takes γ = 10 with Muon's step and 0.1 with
+    the trust region's (settings.DEFAULT_RELATIVE_DAMPING), and a given value wins over both."""
+    def built_damping(**kwargs):
+        trainer = FNGDTrainer(model=tiny_bart(), args=make_args(tmp_path, **kwargs), train_dataset=CopyTask(16))
+        return trainer.create_optimizer().param_groups[0]["damping"]
+
+    assert built_damping() == 10.0
+    assert built_damping(fngd_step_length="trust_region") == 0.1
+    assert built_damping(fngd_damping=0.3) == 0.3
+    with pytest.raises(ValueError, match="fngd_damping"):
+        make_args(tmp_path, fngd_damping=-1.0)
+
+
 def test_default_step_length_and_its_momentum_settings_reach_fngd(tmp_path):
     args = make_args(tmp_path, fngd_normalize_directions=True, fngd_nesterov=True)
     opt = FNGDTrainer(model=tiny_bart(), args=args, train_dataset=CopyTask(32)).create_optimizer()

@@ -66,9 +66,10 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         "(e.g. 'damping=1e-3,inverse_update_freq=10'); the FNGD layers' momentum, weight decay and targets "
         "come from the fngd_* fields.",
     )
-    fngd_damping: float = field(
-        default=0.1,
-        metadata={"help": "FNGD damping: gamma (relative mode; 0.1 won benchmarks/convergence.py) or lambda (fixed mode)."},
+    fngd_damping: float | None = field(
+        default=None,
+        metadata={"help": "FNGD damping: gamma (relative) or lambda (fixed). Default: gamma 10 with Muon's step, "
+                          "0.1 with the others; lambda 0.1."},
     )
     fngd_damping_mode: str = _choice(
         "relative", settings.DAMPING_MODES, "relative: lambda*B = gamma*||K||_F; fixed: lambda as given."
@@ -162,7 +163,7 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
 
     def _validate_fngd(self) -> None:
         settings.one_of("optimizer", self.optimizer, OPTIMIZERS)
-        settings.positive("fngd_damping", self.fngd_damping)
+        settings.positive("fngd_damping", self.fngd_damping, optional=True)
         settings.one_of("fngd_damping_mode", self.fngd_damping_mode, settings.DAMPING_MODES)
         settings.non_negative("fngd_damping_floor", self.fngd_damping_floor)
         settings.fraction("fngd_momentum", self.fngd_momentum)
