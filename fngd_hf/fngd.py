@@ -155,7 +155,6 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         drop_padding: bool = True,
         fisher: str = "empirical",
     ):
-        settings.one_of("step_length", step_length, settings.STEP_LENGTHS)
         damping = settings.default_damping(step_length, damping_mode, damping)
         settings.non_negative("damping_floor", damping_floor)
         trust_auto = (settings.parse_trust_ratio(trust_ratio) == settings.AUTO and damping_mode == "relative"
