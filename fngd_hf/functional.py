@@ -224,6 +224,14 @@ def damping_times_batch(
     raise ValueError(f"Unknown damping_mode {mode!r}; expected 'relative' or 'fixed'")
 
 
+def _right_hand_side(gram: torch.Tensor, rhs: torch.Tensor | None) -> torch.Tensor:
+    """The solvers' right-hand side as a column: ``rhs`` or, without it, the ``1`` of ``(K + λB I)⁻¹ 1`` (cached;
+    both solvers only read it)."""
+    if rhs is None:
+        return _constant(1.0, (*gram.shape[:-1], 1), gram.dtype, gram.device)
+    return rhs.to(gram.dtype).unsqueeze(-1)
+
+
 def solve_coefficients(
     gram: torch.Tensor, damping_b: torch.Tensor, max_retries: int = 6, rhs: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,10 +246,7 @@ def solve_coefficients(
     gives a NaN ``β``, which the optimizer turns into a skipped step.
     """
     batch = gram.shape[-1]
-    if rhs is None:
-        ones = torch.ones(*gram.shape[:-1], 1, dtype=gram.dtype, device=gram.device)
-    else:
-        ones = rhs.to(gram.dtype).unsqueeze(-1)
+    ones = _right_hand_side(gram, rhs)
     eye = torch.eye(batch, dtype=gram.dtype, device=gram.device)
     damping_b = damping_b.to(gram.dtype)
     norm = None
@@ -279,10 +284,7 @@ def solve_coefficients_deferred(
     system with ``λB = 0`` (relative damping of a ``K = 0``: a layer or unit with no gradient)
     gets ``β = 0``, as there.
     """
-    if rhs is None:
-        ones = _constant(1.0, (*gram.shape[:-1], 1), gram.dtype, gram.device)
-    else:
-        ones = rhs.to(gram.dtype).unsqueeze(-1)
+    ones = _right_hand_side(gram, rhs)
     damping_b = damping_b.to(gram.dtype)
     live = damping_b != 0
     damping_b = torch.where(live, damping_b, 1.0)  # K = 0 there: solve I β = 1, then zero β
