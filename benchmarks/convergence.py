@@ -416,8 +416,15 @@ def results_record(record: dict, historical: bool = False) -> dict:
     }
 
 
+def setting_key(result: dict) -> tuple:
+    """Runs that differ only in their seed: method, rates, variant, and whether the run had today's FNGD defaults
+    (a run under new defaults is a different setting from an old one of the same name, not its replacement)."""
+    return (result["method"], result["lr"], result["adamw_lr"], result["variant"],
+            ran_with_current_defaults(result["method"], result["command"]))
+
+
 def result_key(result: dict) -> tuple:
-    return (result["method"], result["lr"], result["adamw_lr"], result["variant"], result["seed"])
+    return (*setting_key(result), result["seed"])
 
 
 def load_results(path: Path) -> list[dict]:
@@ -425,7 +432,7 @@ def load_results(path: Path) -> list[dict]:
 
 
 def update_results(path: Path, new: list[dict]) -> list[dict]:
-    """Write ``new`` into the results file: a record with the same method, rates, variant and seed is replaced."""
+    """Write ``new`` into the results file: a record of the same setting (:func:`setting_key`) and seed is replaced."""
     keys = {result_key(r) for r in new}
     runs = [r for r in load_results(path) if result_key(r) not in keys] + [{k: r[k] for k in RESULT_FIELDS} for r in new]
     path.parent.mkdir(parents=True, exist_ok=True)

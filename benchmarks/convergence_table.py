@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convergence import best_per_method, plot, run_label  # noqa: E402
+from convergence import best_per_method, plot, run_label, setting_key  # noqa: E402
 
 
 def name(run: dict) -> str:
@@ -88,18 +88,13 @@ def merge(folder: Path, others: list[Path]) -> dict:
 METHOD_ORDER = ("adamw", "muon", "sgd", "fngd", "ngd", "cwngd", "kfac", "sngd", "shampoo")
 
 
-def setting_key(run: dict) -> tuple:
-    """Runs that differ only in their seed."""
-    return (run["method"], run["lr"], run["adamw_lr"], run["variant"])
-
-
 def pooled(runs: list[dict]) -> list[dict]:
     """Seeds of the same method, rates and variant together: ``{"key", "runs"}`` in method order, then lr."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault(setting_key(run), []).append(run)
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    keys = sorted(groups, key=lambda k: (order.get(k[0], 99), k[3], k[1], k[2] or 0.0))
+    keys = sorted(groups, key=lambda k: (order.get(k[0], 99), k[3], k[1], k[2] or 0.0, not k[4]))
     return [{"key": k, "runs": sorted(groups[k], key=lambda r: r["seed"])} for k in keys]
 
 
@@ -124,12 +119,12 @@ def results_table(runs: list[dict]) -> str:
         "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for group in pooled(runs):
-        method, lr, adamw_lr, variant = group["key"]
+        method, lr, adamw_lr, variant, current = group["key"]
         members = group["runs"]
         seeds = ", ".join(str(r["seed"]) for r in members)
         failed = sum(1 for r in members if not r["val_loss"])
         rows.append(
-            f"| {method} | {lr:g} | {'-' if adamw_lr is None else f'{adamw_lr:g}'} | {variant or '-'} | "
+            f"| {method} | {lr:g} | {'-' if adamw_lr is None else f'{adamw_lr:g}'} | {variant_text(variant, current)} | "
             f"{seeds} ({len(members)}{f', {failed} failed' if failed else ''}) | "
             f"{mean_spread([r['test2016_bleu_beam4'] for r in members], 1)} | "
             f"{mean_spread([_last(r['val_loss']) for r in members], 3)} | "
@@ -140,10 +135,21 @@ def results_table(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
+EARLIER_DEFAULTS = "earlier defaults"
+
+
+def variant_text(variant: str, current: bool) -> str:
+    """The variant, marked when the run predates ``convergence.FNGD_DEFAULTS_SINCE_RECORDED`` (its "-" meant other
+    settings then)."""
+    if current:
+        return variant or "-"
+    return f"{variant} ({EARLIER_DEFAULTS})" if variant else f"- ({EARLIER_DEFAULTS})"
+
+
 def group_label(key: tuple) -> str:
-    method, lr, adamw_lr, variant = key
+    method, lr, adamw_lr, variant, current = key
     return f"{method} lr={lr:g}" + (f"/{adamw_lr:g}" if adamw_lr is not None and adamw_lr != lr else "") + (
-        f" {variant}" if variant else "")
+        f" {variant}" if variant else "") + ("" if current else f" ({EARLIER_DEFAULTS})")
 
 
 def mean_curve(runs: list[dict], field: str) -> list[float]:

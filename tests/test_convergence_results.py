@@ -131,6 +131,22 @@ def test_results_file_replaces_the_same_run_and_keeps_seeds_apart(tmp_path):
     assert all(list(r) == list(convergence.RESULT_FIELDS) for r in runs)
 
 
+def test_a_run_under_todays_defaults_does_not_replace_an_old_run_of_the_same_name(tmp_path):
+    # Before the key held the defaults, an NGD run at gamma 10 replaced the gamma 0.1 record of the same rates.
+    path = tmp_path / "r.json"
+    today = "python recipes/multi30k.py " + " ".join(convergence.FNGD_DEFAULTS_SINCE_RECORDED)
+    convergence.update_results(path, [result(bleu=1.0)])
+    convergence.update_results(path, [{**result(bleu=2.0), "command": today}])
+    convergence.update_results(path, [{**result(bleu=3.0), "command": today}])  # the same setting: replaced
+    runs = json.loads(path.read_text())["runs"]
+    assert sorted(r["test2016_bleu_beam4"] for r in runs) == [1.0, 3.0]
+    rows = convergence_table.results_table(runs).splitlines()[2:]
+    assert len(rows) == 2 and "| - |" in rows[0] and "| - (earlier defaults) |" in rows[1]
+    assert [g["key"][-1] for g in convergence_table.pooled(runs)] == [True, False]
+    # Methods outside the FNGD family have no such defaults: their "-" is always today's.
+    assert convergence.setting_key(result("adamw"))[-1] is True
+
+
 def test_import_curves_writes_records_without_training(tmp_path, monkeypatch):
     folder = tmp_path / "curves"
     folder.mkdir()
