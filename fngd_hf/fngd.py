@@ -50,7 +50,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
     the default: it beat the paper's ``-lr * d`` by 3.0 test BLEU on full Multi30K, 3 seeds) or by ``-lr * d``
     within the trust region (``step_length="trust_region"``, the paper's step with our safeguard).
     ``lr`` and ``adamw_lr`` default to the step length's measured best (``settings.DEFAULT_RATES``:
-    4e-3 and 4e-3 for ``"muon"``, 1e-2 and 2e-3 for ``"trust_region"``); so does ``damping`` (relative ``γ``,
+    6e-3 and 4e-3 for ``"muon"``, 1e-2 and 2e-3 for ``"trust_region"``); so does ``damping`` (relative ``γ``,
     ``settings.DEFAULT_RELATIVE_DAMPING``: 10 for ``"muon"``, 0.1 otherwise; fixed ``λ``: 0.1). All other trainable
     parameters (LayerNorm, embeddings, heads) follow ``torch.optim.AdamW`` exactly.
 
@@ -69,7 +69,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
     per-sample gradient scale), ``damping_floor`` (relative mode: ``λ >= damping_floor``),
     ``trust_ratio`` (per-layer trust region ``‖d‖ <= trust_ratio·‖[W|b]‖`` before momentum, so a
     step moves a layer by at most ``lr·trust_ratio`` of its norm; ``"auto"`` = ``min(1, √(B/64))`` for
-    relative damping with ``B`` the samples of the step, off for fixed), ``scale_mode`` (``"shared"``: reuse ``β`` as stored;
+    relative damping with ``B`` the samples of the step, off for fixed; with ``step_length="muon"``, which has no
+    trust region, ``"auto"`` scales Muon's step by the same ``min(1, √(B/64))`` and ``None`` leaves it whole), ``scale_mode`` (``"shared"``: reuse ``β`` as stored;
     ``"refreshed"``: rescale it by ``tr(K_stored)/tr(K_new)``), ``clip_update_norm`` (global
     norm clip of the applied update ``lr·(momentum buffer)``), ``stat_dtype`` (float32 or
     float64 for ``K`` and the solve; ``None``: float64 for a float64 model, float32 otherwise, also
@@ -157,8 +158,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
     ):
         damping = settings.default_damping(step_length, damping_mode, damping)
         settings.non_negative("damping_floor", damping_floor)
-        trust_auto = (settings.parse_trust_ratio(trust_ratio) == settings.AUTO and damping_mode == "relative"
-                      and step_length == "trust_region")
+        trust_auto = settings.auto_step_scaling(trust_ratio, step_length, damping_mode)
         trust_ratio = settings.trust_ratio_for_step_length(trust_ratio, step_length, damping_mode)
         lr, adamw_lr = settings.default_rates(step_length, lr, adamw_lr)
         settings.one_of("scale_mode", scale_mode, settings.SCALE_MODES)
@@ -435,7 +435,8 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
         return declared / observed
 
     def _trust_scale(self) -> float:
-        """``trust_ratio="auto"``: shrink the trust region for steps of fewer than 64 samples (all processes)."""
+        """``trust_ratio="auto"``: shrink the trust region, or Muon's step, for steps of fewer than 64 samples
+        (all processes)."""
         if not self._trust_auto or not self._step_samples:
             return 1.0
         world = torch.distributed.get_world_size() if _distributed() else 1
@@ -449,7 +450,10 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
 
     def _scale_step(self, params: list, directions: list, owner: list[int], group: dict) -> list:
         if self.step_length == "muon":
-            return orthogonalized_directions(params, directions, owner, self._layers)
+            steps = orthogonalized_directions(params, directions, owner, self._layers)
+            scale = self._trust_scale()
+            # out of place: a layer without a weight gradient keeps its momentum buffer in ``steps``
+            return steps if scale == 1.0 else list(torch._foreach_mul(steps, scale))
         if not self._grafting:
             return directions
         owner_index, _ = self._owner_index(owner, [p.numel() for p in params], directions[0].device)

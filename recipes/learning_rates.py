@@ -2,7 +2,7 @@
 
 A result of the Multi30K convergence benchmark (benchmarks/convergence.py), so it lives with the recipe,
 not in the library. FNGD, NGD and CW-NGD: the library's default for their step length
-(``fngd_hf.settings.DEFAULT_RATES``: 4e-3 with the default Muon step, the best of full Multi30K; 1e-2 with
+(``fngd_hf.settings.DEFAULT_RATES``: 6e-3 with the default Muon step, the best of full Multi30K; 1e-2 with
 ``--fngd_step_length trust_region``, the paper's step). Muon: AdamW's (its default lr adjustment matches AdamW's
 update RMS, fngd_hf/muon.py). K-FAC, SGD and Shampoo: the best of the CPU convergence benchmark at their default
 settings (Shampoo's statistics are sums, so it needs a large rate: 1e-3 and below did not train). AdamW keeps the

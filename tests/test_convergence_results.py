@@ -218,14 +218,15 @@ def test_robustness_reruns_records_from_before_todays_defaults_and_tables_them()
         robustness.parse_methods(" , ")
     cell = "batch 8"
     today = " ".join(["python recipes/multi30k.py --optimizer fngd", *convergence.FNGD_DEFAULTS_SINCE_RECORDED])
-    old = {"cell": cell, "method": "fngd", "lr": 0.004, "val_loss": 2.92, "val_bleu": 22.5, "source_gap": 3.0,
+    rate = convergence.DEFAULT_LEARNING_RATES["fngd"]
+    old = {"cell": cell, "method": "fngd", "lr": rate, "val_loss": 2.92, "val_bleu": 22.5, "source_gap": 3.0,
            "command": "python recipes/multi30k.py --optimizer fngd"}
     new = {**old, "val_loss": 2.89, "val_bleu": 23.3, "command": today}
     adamw = {**old, "method": "adamw", "lr": 5e-4, "val_loss": 3.9, "val_bleu": 8.8, "command": "python x --optimizer adamw"}
-    assert not robustness.done([old, adamw], cell, "fngd", "0.004")  # ran without today's defaults: run again
-    assert robustness.done([new, adamw], cell, "fngd", "0.004") and robustness.done([adamw], cell, "adamw", "0.0005")
+    assert not robustness.done([old, adamw], cell, "fngd", repr(rate))  # ran without today's defaults: run again
+    assert robustness.done([new, adamw], cell, "fngd", repr(rate)) and robustness.done([adamw], cell, "adamw", "0.0005")
     assert not robustness.done([new], cell, "fngd", "2e-3")  # another rate is another run
-    text = robustness.table([adamw, old, {**new, "lr": 0.008, "val_loss": None, "returncode": 1}])
+    text = robustness.table([adamw, old, {**new, "lr": 0.01, "val_loss": None, "returncode": 1}])
     lines = text.splitlines()
-    assert lines[0] == "| cell | adamw 0.0005 (default) | fngd 0.004 (default) | fngd 0.008 |"
+    assert lines[0] == f"| cell | adamw 0.0005 (default) | fngd {rate:g} (default) | fngd 0.01 |"
     assert lines[2] == "| batch 8 | 3.90 / 8.8 / 3.00 | 2.92 / 22.5 / 3.00 (before today's defaults) | failed (rc 1) |"

@@ -65,16 +65,16 @@ def test_target_modules_regex_and_errors():
 # --------------------------------------------------------------------------- AdamW parity
 def test_rates_default_to_the_step_lengths_measured_best():
     """lr and the AdamW part's rate follow the step length (settings.DEFAULT_RATES): Muon's step, the default,
-    at 4e-3 for both; the trust region at 1e-2 with the AdamW part at 2e-3, not at FNGD's lr (5x AdamW's best)."""
+    at 6e-3 and its AdamW part at 4e-3; the trust region at 1e-2 with the AdamW part at 2e-3, not at FNGD's lr (5x AdamW's best)."""
     def rates(opt):
         return ([g["lr"] for g in opt.param_groups if g["fngd"]][0], [g["lr"] for g in opt.param_groups if not g["fngd"]])
 
     default = FNGD(make_mlp())
-    assert default.step_length == "muon" and rates(default) == (4e-3, [4e-3])
+    assert default.step_length == "muon" and rates(default) == (6e-3, [4e-3])
     assert rates(FNGD(make_mlp(), step_length="trust_region")) == (1e-2, [2e-3])
     assert rates(FNGD(make_mlp(), lr=1e-2, step_length="trust_region")) == (1e-2, [2e-3])
     assert rates(FNGD(make_mlp(), lr=1e-3, adamw_lr=5e-4)) == (1e-3, [5e-4])
-    assert rates(CWNGD(make_mlp())) == (4e-3, [4e-3])
+    assert rates(CWNGD(make_mlp())) == (6e-3, [4e-3])
     with pytest.raises(ValueError, match="step_length"):
         FNGD(make_mlp(), step_length="orthogonal")
 

@@ -33,18 +33,22 @@ def _torch_muon_step(block: torch.Tensor) -> torch.Tensor:
     return -param.detach()
 
 
+@pytest.mark.parametrize("trust_ratio", [None, "auto"], ids=["whole", "batch_scaled"])
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "unit"])
 @pytest.mark.parametrize("nesterov", [False, True], ids=["heavy_ball", "nesterov"])
 @pytest.mark.parametrize("share", [False, True], ids=["ngd", "fngd_shared"])
-def test_step_is_torch_muon_on_the_momentum_of_fngd_direction(share, nesterov, normalize):
+def test_step_is_torch_muon_on_the_momentum_of_fngd_direction(share, nesterov, normalize, trust_ratio):
     model = make_mlp(dtype=torch.float64)
     opt = FNGD(model, lr=LR, momentum=MOMENTUM, step_length="muon", share_coefficients=share,
-               steps_per_epoch=2 if share else None, nesterov=nesterov, normalize_directions=normalize)
+               steps_per_epoch=2 if share else None, nesterov=nesterov, normalize_directions=normalize,
+               trust_ratio=trust_ratio)
     layers = _layers(model)
     momenta = [None] * len(layers)
     for seed in range(5):  # steps 3-5 reuse the first epoch's coefficients when sharing
         x, y = mlp_batch(seed, dtype=torch.float64)
         nn.functional.cross_entropy(model(x), y).backward()
+        # "auto": the square-root scaling rule below 64 samples a step (the default); None: Muon's whole step
+        rate = LR * (min(1.0, (len(x) / 64) ** 0.5) if trust_ratio == "auto" else 1.0)
         expected = []
         for i, layer in enumerate(layers):
             direction = [opt.direction(p).clone() for p in layer.parameters()]
@@ -55,7 +59,7 @@ def test_step_is_torch_muon_on_the_momentum_of_fngd_direction(share, nesterov, n
             # Nesterov (torch.optim.SGD's form): the step follows d + momentum·buffer, the buffer itself unchanged
             m_weight, m_bias = [d + MOMENTUM * m for d, m in zip(direction, momenta[i])] if nesterov else momenta[i]
             move = _torch_muon_step(torch.cat([m_weight, m_bias[:, None]], dim=1))
-            expected.append([layer.weight.detach() - LR * move[:, :-1], layer.bias.detach() - LR * move[:, -1]])
+            expected.append([layer.weight.detach() - rate * move[:, :-1], layer.bias.detach() - rate * move[:, -1]])
         opt.step()
         opt.zero_grad()
         for layer, (weight, bias) in zip(layers, expected):
@@ -144,3 +148,16 @@ def test_momentum_buffers_are_not_overwritten_by_the_orthogonalised_step():
     opt.step()
     for p, d in zip(_layers(model)[0].parameters(), first):
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], d / norm, rtol=1e-6, atol=0)  # float32 norm
+
+
+def test_auto_scales_the_step_of_muon_and_of_the_trust_region_not_of_grafting():
+    """``trust_ratio="auto"``: the square-root rule below 64 samples for Muon's step (any damping mode) and the
+    trust region (relative damping; fixed damping has none); AdamW's grafted length is left alone."""
+    from fngd_hf import settings
+
+    assert settings.auto_step_scaling("auto", "muon", "relative") and settings.auto_step_scaling("auto", "muon", "fixed")
+    assert settings.auto_step_scaling("auto", "trust_region", "relative")
+    assert not settings.auto_step_scaling("auto", "trust_region", "fixed")
+    assert not settings.auto_step_scaling("auto", "adamw", "relative")
+    assert not settings.auto_step_scaling(None, "muon", "relative") and not settings.auto_step_scaling(0.5, "trust_region", "relative")
+    assert [settings.auto_trust_scale(b) for b in (16, 64, 256)] == [0.5, 1.0, 1.0]

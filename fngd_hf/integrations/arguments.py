@@ -140,7 +140,7 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         settings.DEFAULT_STEP_LENGTH,
         settings.STEP_LENGTHS,
         "How far an FNGD layer moves along its natural gradient: muon (default): Muon's orthogonalised, "
-        "RMS-matched step (learning_rate AdamW-scale, e.g. 4e-3); trust_region: learning_rate times the natural "
+        "RMS-matched step (learning_rate AdamW-scale, e.g. 6e-3); trust_region: learning_rate times the natural "
         "gradient, bounded by the trust region (the paper's step with our safeguard, e.g. 1e-2); adamw: AdamW's "
         "update length for that layer (grafting; did not train on Multi30K).",
     )
