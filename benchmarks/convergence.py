@@ -345,6 +345,16 @@ def ran_with_current_defaults(method: str, command: str) -> bool:
     return all(_words_value(words, flag) == value for flag, value in _flag_pairs(FNGD_DEFAULTS_SINCE_RECORDED))
 
 
+def recorded_since_defaults(method: str, command: str) -> bool:
+    """Whether an FNGD-family run was recorded since ``FNGD_DEFAULTS_SINCE_RECORDED``: its command holds them,
+    last or not (a variant may override one after them, as the uniform control does the damping)."""
+    if method not in FNGD_FAMILY:
+        return True
+    words = shlex.split(command)
+    given = set(zip(words, words[1:]))
+    return all(pair in given for pair in _flag_pairs(FNGD_DEFAULTS_SINCE_RECORDED))
+
+
 def is_shipped_default(method: str, lr: float, adamw_lr: float | None, variant: str, command: str | None = None) -> bool:
     """No variant (or only variants the defaults already set), the recipe's default learning rate for the method
     and the trainer's default AdamW-part rate; with ``command``, an FNGD-family run must also have run with
@@ -417,10 +427,11 @@ def results_record(record: dict, historical: bool = False) -> dict:
 
 
 def setting_key(result: dict) -> tuple:
-    """Runs that differ only in their seed: method, rates, variant, and whether the run had today's FNGD defaults
-    (a run under new defaults is a different setting from an old one of the same name, not its replacement)."""
+    """Runs that differ only in their seed: method, rates, variant, and whether the run was recorded under today's
+    FNGD defaults (a run under new defaults is a different setting from an old one of the same name, not its
+    replacement)."""
     return (result["method"], result["lr"], result["adamw_lr"], result["variant"],
-            ran_with_current_defaults(result["method"], result["command"]))
+            recorded_since_defaults(result["method"], result["command"]))
 
 
 def result_key(result: dict) -> tuple:

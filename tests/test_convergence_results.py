@@ -143,6 +143,10 @@ def test_a_run_under_todays_defaults_does_not_replace_an_old_run_of_the_same_nam
     rows = convergence_table.results_table(runs).splitlines()[2:]
     assert len(rows) == 2 and "| - |" in rows[0] and "| - (earlier defaults) |" in rows[1]
     assert [g["key"][-1] for g in convergence_table.pooled(runs)] == [True, False]
+    # A variant that overrides a default after it (the uniform control's damping) was still recorded today.
+    overridden = today + " --fngd_damping 1e6"
+    assert convergence.setting_key({**result(), "command": overridden})[-1] is True
+    assert not convergence.ran_with_current_defaults("fngd", overridden)  # nor is it the shipped default
     # Methods outside the FNGD family have no such defaults: their "-" is always today's.
     assert convergence.setting_key(result("adamw"))[-1] is True
 
