@@ -131,6 +131,8 @@ VARIANT_FLAGS = {
     "unit": ["--fngd_normalize_directions", "True"],
     "raw": ["--fngd_normalize_directions", "False"],
     "heavy0.9": ["--optim_args", "momentum=0.9,nesterov=False"],
+    # Twice the batch (half the steps): does the rate want to grow with the batch, as it shrinks below 64?
+    "batch128": ["--per_device_train_batch_size", "128"],
     # The Monte-Carlo (true) Fisher instead of the empirical one: labels sampled from the model, one more backward
     # per step; NGD only (nothing to share). Does the Fisher of the model, not of the data, earn its cost?
     "mc_fisher": ["--fngd_fisher", "monte_carlo"],

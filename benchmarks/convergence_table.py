@@ -89,7 +89,7 @@ METHOD_ORDER = ("adamw", "muon", "sgd", "fngd", "ngd", "cwngd", "kfac", "sngd", 
 
 
 def pooled(runs: list[dict]) -> list[dict]:
-    """Seeds of the same method, rates and variant together: ``{"key", "runs"}`` in method order, then lr."""
+    """Seeds of the same setting (``convergence.setting_key``) together: ``{"key", "runs"}`` in method order, then lr."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault(setting_key(run), []).append(run)

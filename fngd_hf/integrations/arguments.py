@@ -115,8 +115,8 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
         metadata={
             "help": "Per-layer trust region ||d|| <= ratio*||[W|b]|| (a step moves a layer by at most "
             "lr*ratio of its norm, before momentum): a float, 'auto' (FNGD: min(1, sqrt(B/64)) with relative damping, "
-            "B the samples per step, off with fixed; K-FAC and SNGD: their own default) or 'none'. A given value "
-            "also reaches K-FAC and SNGD."
+            "B the samples per step, off with fixed; the muon step is scaled by that factor instead; K-FAC and "
+            "SNGD: their own default) or 'none'. A given value also reaches K-FAC and SNGD."
         },
     )
     fngd_target_modules: list[str] | None = field(
