@@ -5,6 +5,9 @@
     python benchmarks/convergence_table.py docs/convergence_cpu --merge /tmp/a /tmp/b
     # a results file (benchmarks/convergence.py --results): seeds pooled per setting, curves to a PNG
     python benchmarks/convergence_table.py --results docs/results/full_multi30k.json --plot docs/results/full_multi30k.png
+    # only some settings in the plot (the labels of its legend, without the seed count)
+    python benchmarks/convergence_table.py --results docs/results/full_multi30k.json --plot headline.png \
+        --plot-only "adamw lr=0.002" "muon lr=0.004/0.003"
 
 Writes ``curves.png`` (each method at its best learning rate) and ``ablations.png`` (every FNGD
 and NGD run: learning rates and variants) into the folder, and prints the tables. With ``--results``
@@ -162,14 +165,21 @@ def mean_curve(runs: list[dict], field: str) -> list[float]:
     return curve
 
 
-def plot_results(runs: list[dict], path: Path, title: str) -> None:
-    """Validation loss and BLEU (means over seeds) against epoch and against training seconds."""
+def plot_results(runs: list[dict], path: Path, title: str, only: list[str] | None = None) -> None:
+    """Validation loss and BLEU (means over seeds) against epoch and against training seconds; ``only``: the
+    settings to draw, by :func:`group_label` (a label that names no setting is an error, not a missing curve)."""
+    groups = [g for g in pooled(runs) if any(r["val_loss"] for r in g["runs"])]
+    if only is not None:
+        by_label = {group_label(g["key"]): g for g in groups}
+        unknown = [label for label in only if label not in by_label]
+        if unknown:
+            raise ValueError(f"no setting with a curve is labelled {unknown}; labels: {sorted(by_label)}")
+        groups = [by_label[label] for label in only]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [g for g in pooled(runs) if any(r["val_loss"] for r in g["runs"])]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5 + 0.06 * len(groups)))
     colours = plt.get_cmap("tab20").colors
     for index, group in enumerate(groups):
@@ -188,7 +198,7 @@ def plot_results(runs: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    losses = [v for r in runs for v in r["val_loss"] if v is not None]
+    losses = [v for g in groups for r in g["runs"] for v in r["val_loss"] if v is not None]
     if losses:  # a diverged run would squash every other curve: cut the axis at 8 nats
         for ax in axes[0]:
             ax.set_ylim(min(losses) - 0.2, min(max(losses), 8.0) + 0.2)
@@ -208,12 +218,19 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="folders whose runs are merged into FOLDER")
     parser.add_argument("--results", type=Path, default=None, help="a results file (convergence.py --results) instead")
     parser.add_argument("--plot", type=Path, default=None, help="with --results: the PNG (default: next to it)")
+    parser.add_argument("--plot-only", nargs="+", default=None, metavar="LABEL",
+                        help="with --results: plot only these settings, by their legend label (e.g. 'adamw lr=0.002')")
     args = parser.parse_args()
+    if args.plot_only is not None and args.results is None:
+        parser.error("--plot-only needs --results")
     if args.results is not None:
         runs = json.loads(args.results.read_text())["runs"]
         print(results_table(runs))
         plot_path = args.plot or args.results.with_suffix(".png")
-        plot_results(runs, plot_path, f"Multi30K en-de: {args.results.name}, mean over seeds")
+        try:
+            plot_results(runs, plot_path, f"Multi30K en-de: {args.results.name}, mean over seeds", args.plot_only)
+        except ValueError as error:
+            parser.error(str(error))
         print(f"\nwrote {plot_path}")
         return
     if args.folder is None:

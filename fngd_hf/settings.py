@@ -28,8 +28,8 @@ SHARED_PHASES = ("coefficients", "adamw")
 STEP_LENGTHS = ("muon", "trust_region", "adamw")
 DEFAULT_STEP_LENGTH = "muon"
 # (lr, adamw_lr) when not given, per step length: the best of each on full Multi30K (docs/convergence.md). muon:
-# 6e-3/4e-3 against 4e-3/4e-3, 3 seeds each, at today's other defaults: test BLEU 36.3 against 36.0, validation
-# loss 1.799 against 1.806, and within 1 BLEU of the best rate in the short base run of the robustness table
+# 6e-3/4e-3 against 4e-3/4e-3, 3 seeds each, at today's other defaults: test BLEU 36.2 against 36.0, validation
+# loss 1.795 against 1.806, and within 1 BLEU of the best rate in the short base run of the robustness table
 # where 4e-3 was 3 below (at batch 8 the automatic step scale brings it down to ~2e-3, that cell's best). The
 # trust region: 32.2 at 1e-2/2e-3, 3 seeds (its AdamW part at 1e-2 lost 2.3). adamw (grafting) did not train at
 # 2e-3 or 4e-3, so its rate is only AdamW's usual one.

@@ -199,16 +199,30 @@ def test_table_pools_seeds_with_mean_and_spread_and_plots(tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def test_plot_draws_only_the_settings_named_and_refuses_an_unknown_label(tmp_path, monkeypatch):
+    runs = [result(seed=0), result(seed=1), result("adamw", 2e-3, adamw_lr=None, bleu=33.8)]
+    drawn = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **k: drawn.append(k["label"]) or original(self, *a, **k))
+    convergence_table.plot_results(runs, tmp_path / "only.png", "test", only=["adamw lr=0.002"])
+    assert set(drawn) == {"adamw lr=0.002"} and len(drawn) == 4  # one curve on each of the four axes
+    with pytest.raises(ValueError, match="adamw lr=0.003"):
+        convergence_table.plot_results(runs, tmp_path / "none.png", "test", only=["adamw lr=0.003"])
+
+
 def test_committed_results_file_is_well_formed():
     runs = json.loads((REPO / "docs" / "results" / "full_multi30k.json").read_text())["runs"]
     assert all(list(r) == list(convergence.RESULT_FIELDS) for r in runs)
     assert all("/work" not in r["command"] and "/tmp" not in r["command"] for r in runs)
     assert len({convergence.result_key(r) for r in runs}) == len(runs)
-    # The four full-data runs of docs/convergence_cpu_full, with the README's beam-4 test BLEU.
+    # The full-data runs of docs/convergence_cpu_full, with docs/convergence.md's beam-4 test BLEU (AdamW's seed 0
+    # was rerun side by side with FNGD's for timing: 33.0, where the first run had scored 33.8).
     earlier = {(r["method"], r["lr"]): round(r["test2016_bleu_beam4"], 1) for r in runs
                if r["seed"] == 0 and not r["variant"]}
     assert {k: earlier.get(k) for k in [("adamw", 2e-3), ("fngd", 1e-2), ("fngd", 5e-3), ("ngd", 1e-2)]} == {
-        ("adamw", 2e-3): 33.8, ("fngd", 1e-2): 30.2, ("fngd", 5e-3): 31.5, ("ngd", 1e-2): 29.7}
+        ("adamw", 2e-3): 33.0, ("fngd", 1e-2): 30.2, ("fngd", 5e-3): 31.5, ("ngd", 1e-2): 29.7}
 
 
 def test_robustness_reruns_records_from_before_todays_defaults_and_tables_them():
