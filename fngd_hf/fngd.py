@@ -70,7 +70,7 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
     ``trust_ratio`` (per-layer trust region ``‖d‖ <= trust_ratio·‖[W|b]‖`` before momentum, so a
     step moves a layer by at most ``lr·trust_ratio`` of its norm; ``"auto"`` = ``min(1, √(B/64))`` for
     relative damping with ``B`` the samples of the step, off for fixed; with ``step_length="muon"``, which has no
-    trust region, ``"auto"`` scales Muon's step by the same ``min(1, √(B/64))`` and ``None`` leaves it whole), ``scale_mode`` (``"shared"``: reuse ``β`` as stored;
+    trust region, ``"auto"`` scales Muon's step by ``√(B/64)``, at most 2, and ``None`` leaves it whole), ``scale_mode`` (``"shared"``: reuse ``β`` as stored;
     ``"refreshed"``: rescale it by ``tr(K_stored)/tr(K_new)``), ``clip_update_norm`` (global
     norm clip of the applied update ``lr·(momentum buffer)``), ``stat_dtype`` (float32 or
     float64 for ``K`` and the solve; ``None``: float64 for a float64 model, float32 otherwise, also
@@ -436,11 +436,11 @@ class FNGD(BatchedFirstEpoch, CoefficientBank, AdamWStepLength, LayerwiseOptimiz
 
     def _trust_scale(self) -> float:
         """``trust_ratio="auto"``: shrink the trust region, or Muon's step, for steps of fewer than 64 samples
-        (all processes)."""
+        (all processes); grow Muon's step above 64, up to ``settings.AUTO_MUON_MAX_SCALE``."""
         if not self._trust_auto or not self._step_samples:
             return 1.0
         world = torch.distributed.get_world_size() if _distributed() else 1
-        return settings.auto_trust_scale(sum(self._step_samples.values()) * world)
+        return settings.auto_trust_scale(sum(self._step_samples.values()) * world, self.step_length)
 
     def _before_momentum(self, params: list, directions: list, owner: list[int]) -> list:
         if not self.normalize_directions:

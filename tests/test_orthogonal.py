@@ -161,3 +161,24 @@ def test_auto_scales_the_step_of_muon_and_of_the_trust_region_not_of_grafting():
     assert not settings.auto_step_scaling("auto", "adamw", "relative")
     assert not settings.auto_step_scaling(None, "muon", "relative") and not settings.auto_step_scaling(0.5, "trust_region", "relative")
     assert [settings.auto_trust_scale(b) for b in (16, 64, 256)] == [0.5, 1.0, 1.0]
+    # Muon's step grows above 64 samples too, capped at AUTO_MUON_MAX_SCALE (2: batch 256); the trust region's does not
+    assert [settings.auto_trust_scale(b, "muon") for b in (16, 64, 144, 256, 1024)] == [0.5, 1.0, 1.5, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("batch, scale", [(16, 0.5), (144, 1.5), (400, 2.0)])
+def test_auto_moves_a_layer_by_the_batch_scale_of_muons_whole_step(batch, scale):
+    """One step from the same weights: ``"auto"`` moves every FNGD layer by ``scale`` times what ``None`` (Muon's
+    whole step) does, and the AdamW part (LayerNorm) by the same amount in both."""
+    moves = {}
+    for trust_ratio in (None, "auto"):
+        model = make_mlp(dtype=torch.float64)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = FNGD(model, lr=LR, step_length="muon", trust_ratio=trust_ratio, share_coefficients=False)
+        x, y = mlp_batch(0, batch=batch, dtype=torch.float64)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        moves[trust_ratio] = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    layer_params = {id(p) for layer in _layers(model) for p in layer.parameters()}
+    for p, whole, scaled in zip(model.parameters(), moves[None], moves["auto"]):
+        assert whole.abs().max() > 0
+        torch.testing.assert_close(scaled, (scale if id(p) in layer_params else 1.0) * whole, rtol=1e-10, atol=1e-14)
