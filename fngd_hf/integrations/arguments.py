@@ -113,10 +113,10 @@ class FNGDTrainingArguments(Seq2SeqTrainingArguments):
     fngd_trust_ratio: float | str | None = field(
         default=settings.AUTO,
         metadata={
-            "help": "Per-layer trust region ||d|| <= ratio*||[W|b]|| (a step moves a layer by at most "
-            "lr*ratio of its norm, before momentum): a float, 'auto' (FNGD: min(1, sqrt(B/64)) with relative damping, "
-            "B the samples per step, off with fixed; the muon step is scaled by that factor instead; K-FAC and "
-            "SNGD: their own default) or 'none'. A given value also reaches K-FAC and SNGD."
+            "help": "Per-layer trust region ||d|| <= ratio*||[W|b]|| (a layer moves by at most lr*ratio of its "
+            "norm): a float, 'auto' (FNGD: min(1, sqrt(B/64)), B the samples per step, with relative damping, off "
+            "with fixed; the muon step is scaled by min(2, sqrt(B/64)) instead; K-FAC and SNGD: their own default) "
+            "or 'none'. A given value also reaches K-FAC and SNGD."
         },
     )
     fngd_target_modules: list[str] | None = field(
