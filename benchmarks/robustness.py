@@ -23,6 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convergence  # noqa: E402
+from fngd_hf.translation.models import PRESETS  # noqa: E402
+
+
+def shape_flags(preset: str, *names: str) -> list[str]:
+    """Recipe flags that set these fields of a model preset's shape (over the ``cpu`` setting's)."""
+    return [flag for name in names for flag in (f"--{name}", str(getattr(PRESETS[preset], name)))]
+
 
 # label -> (batch size, recipe flags); the base cell is "linear, d128, batch 64".
 CELLS = {
@@ -33,11 +40,11 @@ CELLS = {
     "batch 32": (32, []),
     "batch 128": (128, []),
     "d_model 32, 2+2 (tiny preset)": (64, ["--d_model", "32", "--ffn_dim", "64", "--attention_heads", "2"]),
-    "d_model 256, 3+3 (small preset)": (64, ["--d_model", "256", "--ffn_dim", "1024", "--encoder_layers", "3",
-                                             "--decoder_layers", "3"]),
-    # Transformer-base, the size of the paper's own runs (40-50 min a run on one CPU core at 10,000 pairs, 2 epochs).
-    "d_model 512, 6+6 (paper preset)": (64, ["--d_model", "512", "--ffn_dim", "2048", "--attention_heads", "8",
-                                            "--encoder_layers", "6", "--decoder_layers", "6"]),
+    "d_model 256, 3+3 (small preset)": (64, shape_flags("small", "d_model", "ffn_dim", "encoder_layers",
+                                                        "decoder_layers")),
+    # Transformer-base, the size of the paper's own runs (40-50 min a run on one core at 10,000 pairs, 2 epochs).
+    "d_model 512, 6+6 (paper preset)": (64, shape_flags("paper", "d_model", "ffn_dim", "attention_heads",
+                                                        "encoder_layers", "decoder_layers")),
 }
 METHODS = "adamw,fngd"
 
